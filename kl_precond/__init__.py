@@ -1,0 +1,47 @@
+"""kl_precond: structured second-order optimizers for JAX/Optax.
+
+Shampoo, SOAP, KL-Shampoo and KL-SOAP as ``optax.GradientTransformation``s, each a short chain
+of public stages: ``layout`` → ``estimator`` (:func:`frobenius`, :func:`kl`) → ``basis``
+(:func:`qr_every`, :func:`eigh_every`) → ``scaling`` (:func:`adam`,
+:func:`kronecker_eigenvalues`), composed by :func:`scale_by_preconditioner`.
+"""
+
+from kl_precond.alias import (
+  kl_shampoo,
+  kl_soap,
+  scale_by_kl_shampoo,
+  scale_by_kl_soap,
+  scale_by_soap,
+  soap,
+)
+from kl_precond.basis import BasisState, eigh_every, qr_every
+from kl_precond.estimators import FrobeniusState, KLState, frobenius, kl
+from kl_precond.layout import LayoutConfig
+from kl_precond.preconditioner import BucketState, PreconditionerState, scale_by_preconditioner
+from kl_precond.scaling import AdamState, MomentumState, adam, kronecker_eigenvalues
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "AdamState",
+  "BasisState",
+  "BucketState",
+  "FrobeniusState",
+  "KLState",
+  "LayoutConfig",
+  "MomentumState",
+  "PreconditionerState",
+  "adam",
+  "eigh_every",
+  "frobenius",
+  "kl",
+  "kl_shampoo",
+  "kl_soap",
+  "kronecker_eigenvalues",
+  "qr_every",
+  "scale_by_kl_shampoo",
+  "scale_by_kl_soap",
+  "scale_by_preconditioner",
+  "scale_by_soap",
+  "soap",
+]

@@ -1,0 +1,176 @@
+"""The ``basis`` stage: when and how the Kronecker eigenbases are refreshed.
+
+The first basis of every factor is its eigendecomposition, columns by **descending** eigenvalue.
+After that, every ``every`` steps, the basis is refreshed either by a new eigendecomposition
+(:func:`eigh_every`) or by one step of subspace (power) iteration followed by QR
+(:func:`qr_every`), optionally after sorting the previous basis's columns by the estimated
+eigenvalues ``diag(Qᵀ F Q)`` (upstream SOAP):
+
+.. math::
+
+  \\pi = \\mathrm{argsort}_{\\downarrow}\\, \\mathrm{diag}(Q^\\top F Q), \\qquad
+  Q \\leftarrow \\mathrm{qr}(F\\, Q_{:, \\pi}).Q .
+
+The permutation ``π`` is returned so that the scaling stage can permute buffers that live in
+the eigenbasis and are not rotated (SOAP's second moment). Decompositions run in float32 at
+least (float64 when the factor is float64) and are cast back. A refresh that yields a
+non-finite basis keeps the previous one; the chassis counts such failures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kl_precond._validation import check_frequency, check_nonnegative
+
+Matrices = tuple[jax.Array | None, ...]
+
+
+class BasisState(NamedTuple):
+  """State of the basis stage for one block."""
+
+  bases: Matrices  # per axis: (d_i, d_i) orthogonal, or None (identity)
+  eigenvalues: tuple[jax.Array | None, ...]  # per axis: (d_i,) kept by eigh refreshes, or None
+
+
+def _compute_dtype(dtype: Any) -> Any:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _eigh_descending(factor: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Eigenvalues and eigenvectors of a symmetric factor, by descending eigenvalue."""
+  matrix = factor.astype(_compute_dtype(factor.dtype))
+  values, vectors = jnp.linalg.eigh(matrix, symmetrize_input=True)
+  return values[::-1], vectors[:, ::-1]
+
+
+def _all_finite(arrays: Sequence[jax.Array | None]) -> jax.Array:
+  flags = [jnp.all(jnp.isfinite(a)) for a in arrays if a is not None]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refresh:
+  """Basis refresh policy; see :func:`eigh_every` and :func:`qr_every`."""
+
+  every: int
+  method: str = "qr"
+  sort: bool = True
+  keep_eigenvalues: bool = False
+  eigenvalue_floor: Any = None
+  dtype: Any = None
+
+  def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any) -> BasisState:
+    dtype = self.dtype or dtype
+    bases = tuple(jnp.eye(d, dtype=dtype) if m else None for d, m in zip(shape, mask, strict=True))
+    values = tuple(
+      jnp.zeros((d,), dtype) if m and self.keep_eigenvalues else None
+      for d, m in zip(shape, mask, strict=True)
+    )
+    return BasisState(bases, values)
+
+  def _decompose(self, factors: Matrices, state: BasisState) -> BasisState:
+    bases, values = [], []
+    for factor, old_basis, old_values in zip(factors, state.bases, state.eigenvalues, strict=True):
+      if factor is None:
+        bases.append(None)
+        values.append(None)
+        continue
+      eigenvalues, basis = _eigh_descending(factor)
+      bases.append(basis.astype(old_basis.dtype))
+      values.append(None if old_values is None else self._floor(eigenvalues, old_values.dtype))
+    return BasisState(tuple(bases), tuple(values))
+
+  def _floor(self, eigenvalues: jax.Array, dtype: Any) -> jax.Array:
+    """Distributed Shampoo's shift: if ``λ_min < floor``, ``λ ← λ - λ_min + floor``."""
+    if self.eigenvalue_floor is None:
+      return eigenvalues.astype(dtype)
+    smallest = jnp.min(eigenvalues)
+    shifted = jnp.where(
+      smallest < self.eigenvalue_floor, eigenvalues - smallest + self.eigenvalue_floor, eigenvalues
+    )
+    return shifted.astype(dtype)
+
+  def first(self, factors: Matrices, state: BasisState) -> BasisState:
+    """The first basis: eigendecomposition, columns by descending eigenvalue."""
+    return self._keep_if_failed(self._decompose(factors, state), state)[0]
+
+  def refresh(self, factors: Matrices, state: BasisState) -> tuple[BasisState, tuple[Any, ...], Any]:
+    """A periodic refresh. Returns the new state, per-axis permutations and a failure flag."""
+    if self.method == "eigh":
+      new_state, permutations = self._decompose(factors, state), (None,) * len(factors)
+    else:
+      new_state, permutations = self._power_qr(factors, state)
+    kept, failed = self._keep_if_failed(new_state, state)
+    return kept, permutations, failed
+
+  def _power_qr(self, factors: Matrices, state: BasisState) -> tuple[BasisState, tuple[Any, ...]]:
+    bases: list[jax.Array | None] = []
+    permutations: list[jax.Array | None] = []
+    for factor, basis in zip(factors, state.bases, strict=True):
+      if factor is None or basis is None:
+        bases.append(None)
+        permutations.append(None)
+        continue
+      dtype = _compute_dtype(factor.dtype)
+      matrix, current = factor.astype(dtype), basis.astype(dtype)
+      order = None
+      if self.sort:
+        estimates = jnp.einsum("ij,ik,kj->j", current, matrix, current)
+        order = jnp.argsort(-estimates, stable=True)
+        current = current[:, order]
+      new_basis, _ = jnp.linalg.qr(matrix @ current)
+      bases.append(new_basis.astype(basis.dtype))
+      permutations.append(order)
+    return BasisState(tuple(bases), state.eigenvalues), tuple(permutations)
+
+  @staticmethod
+  def _keep_if_failed(new: BasisState, old: BasisState) -> tuple[BasisState, jax.Array]:
+    ok = _all_finite(list(new.bases) + list(new.eigenvalues))
+    kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    return kept, jnp.logical_not(ok)
+
+
+def qr_every(every: int, *, sort: bool = True, dtype: Any = None) -> Refresh:
+  """Refresh by one power-iteration step and QR every ``every`` steps (SOAP, KL methods).
+
+  .. math:: Q \\leftarrow \\mathrm{qr}(F Q_{:,\\pi}).Q,
+     \\quad \\pi = \\mathrm{argsort}_{\\downarrow}\\,\\mathrm{diag}(Q^\\top F Q)\\ \\text{if sort}
+
+  Args:
+    every: refresh period ``T >= 1`` (static).
+    sort: sort the columns before the power step and return the permutation (upstream SOAP);
+      ``False`` is the KL-Methods behaviour.
+    dtype: storage dtype of the bases (default: the parameter's dtype).
+
+  Returns:
+    The basis stage.
+  """
+  check_frequency("precondition_frequency", every)
+  return Refresh(every, "qr", sort, dtype=dtype)
+
+
+def eigh_every(
+  every: int, *, keep_eigenvalues: bool = True, eigenvalue_floor: Any = None, dtype: Any = None
+) -> Refresh:
+  """Refresh by a full eigendecomposition every ``every`` steps (Shampoo).
+
+  Args:
+    every: refresh period ``T >= 1`` (static).
+    keep_eigenvalues: store the eigenvalues, for scalings that use them (Shampoo's roots).
+    eigenvalue_floor: if the smallest eigenvalue is below this, shift all of them so that it
+      equals the floor (Distributed Shampoo's ``λ - λ_min + ε``); ``None`` for no shift.
+    dtype: storage dtype of bases and eigenvalues (default: the parameter's dtype).
+
+  Returns:
+    The basis stage.
+  """
+  check_frequency("precondition_frequency", every)
+  if eigenvalue_floor is not None:
+    check_nonnegative("eigenvalue_floor", eigenvalue_floor)
+  return Refresh(every, "eigh", False, keep_eigenvalues, eigenvalue_floor, dtype)

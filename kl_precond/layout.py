@@ -1,0 +1,228 @@
+"""The ``layout`` stage: how each tensor of a pytree becomes matrix blocks, and blocks buckets.
+
+The layout is static. It is recomputed from shapes at trace time and never stored in the state:
+
+1. **Squeeze** singleton axes (``squeeze=True``, the KL-Methods behaviour; upstream SOAP keeps
+   them, which gives 1×1 factors that do nothing).
+2. **Permute** 4-D tensors from channels-last to channels-first (``channels_last=True``; upstream
+   SOAP's ``data_format="channels_last"``).
+3. **Merge** neighbouring axes left to right while their product stays within
+   ``max_precond_dim`` (``merge_small_dims=True``; upstream SOAP's ``merge_dims``).
+4. **Block**: an axis longer than ``max_precond_dim`` is left unrotated (identity basis), or with
+   ``blocking=True`` split into blocks of at most ``max_precond_dim`` (Distributed Shampoo).
+5. **Fallback**: tensors of order 0 or 1 (after step 1) get no Kronecker factor, so the method's
+   scaling acts elementwise (Adam), unless ``precondition_1d=True``.
+
+Blocks of equal shape, factor mask and dtype across the whole pytree form a **bucket**; the
+chassis stacks them on a leading axis so that every per-block computation is one batched call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutConfig:
+  """Static options of the layout stage (see the module docstring).
+
+  Attributes:
+    max_precond_dim: largest axis that gets a Kronecker factor (``>= 1``).
+    merge_small_dims: merge neighbouring axes while the product is ``<= max_precond_dim``.
+    precondition_1d: give 1-D tensors a full factor instead of the diagonal fallback.
+    blocking: split axes above ``max_precond_dim`` into blocks instead of leaving them unrotated.
+    squeeze: drop axes of size one before anything else.
+    channels_last: permute 4-D tensors ``(a, b, c, d) -> (a, d, b, c)`` before merging.
+  """
+
+  max_precond_dim: int = 10000
+  merge_small_dims: bool = False
+  precondition_1d: bool = False
+  blocking: bool = False
+  squeeze: bool = True
+  channels_last: bool = False
+
+  def __post_init__(self) -> None:
+    if not isinstance(self.max_precond_dim, int) or self.max_precond_dim < 1:
+      raise ValueError(f"max_precond_dim must be an integer >= 1, got {self.max_precond_dim!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+  """One block of a tensor in its working shape: where it starts, its shape, its factored axes."""
+
+  start: tuple[int, ...]
+  shape: tuple[int, ...]
+  preconditioned: tuple[bool, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorLayout:
+  """How one tensor maps to blocks.
+
+  Attributes:
+    shape: the parameter's shape.
+    permutation: axis permutation applied before reshaping (``None`` for none).
+    work_shape: shape after squeeze, permutation and merging; blocks tile this shape.
+    blocks: the blocks, in row-major order of their start indices.
+  """
+
+  shape: tuple[int, ...]
+  permutation: tuple[int, ...] | None
+  work_shape: tuple[int, ...]
+  blocks: tuple[Block, ...]
+
+
+def merge_dims(shape: Sequence[int], max_dim: int) -> tuple[int, ...]:
+  """Greedily merges neighbouring axes, left to right, while the product is ``<= max_dim``.
+
+  This is upstream SOAP's rule: ``(4, 6, 5)`` with ``max_dim=64`` becomes ``(24, 5)``.
+  """
+  merged: list[int] = []
+  current = 1
+  for size in shape:
+    if current * size > max_dim:
+      if current > 1:
+        merged.append(current)
+        current = size
+      else:
+        merged.append(size)
+        current = 1
+    else:
+      current *= size
+  if current > 1 or not merged:
+    merged.append(current)
+  return tuple(merged)
+
+
+def _axis_chunks(size: int, config: LayoutConfig) -> list[tuple[int, int]]:
+  if not config.blocking or size <= config.max_precond_dim:
+    return [(0, size)]
+  step = config.max_precond_dim
+  return [(start, min(start + step, size)) for start in range(0, size, step)]
+
+
+def tensor_layout(shape: Sequence[int], config: LayoutConfig) -> TensorLayout:
+  """Returns the static layout of a tensor of the given shape."""
+  shape = tuple(int(d) for d in shape)
+  permutation = (0, 3, 1, 2) if config.channels_last and len(shape) == 4 else None
+  work = tuple(shape[a] for a in permutation) if permutation else shape
+  if config.squeeze:
+    work = tuple(d for d in work if d != 1)
+  order = len(work)
+  if config.merge_small_dims and order >= 2:
+    work = merge_dims(work, config.max_precond_dim)
+  diagonal = order <= 1 and not config.precondition_1d
+  blocks = []
+  for chunks in itertools.product(*[_axis_chunks(d, config) for d in work]):
+    block_shape = tuple(stop - start for start, stop in chunks)
+    mask = tuple(not diagonal and d <= config.max_precond_dim for d in block_shape)
+    blocks.append(Block(tuple(start for start, _ in chunks), block_shape, mask))
+  return TensorLayout(shape, permutation, work, tuple(blocks))
+
+
+def to_blocks(x: jax.Array, layout: TensorLayout) -> list[jax.Array]:
+  """Cuts a tensor into its blocks."""
+  if layout.permutation is not None:
+    x = jnp.transpose(x, layout.permutation)
+  x = x.reshape(layout.work_shape)
+  if len(layout.blocks) == 1:
+    return [x]
+  return [
+    x[tuple(slice(s, s + d) for s, d in zip(block.start, block.shape, strict=True))]
+    for block in layout.blocks
+  ]
+
+
+def from_blocks(blocks: Sequence[jax.Array], layout: TensorLayout) -> jax.Array:
+  """Inverse of :func:`to_blocks`."""
+  if len(blocks) == 1:
+    x = blocks[0].reshape(layout.work_shape)
+  else:
+    x = jnp.zeros(layout.work_shape, blocks[0].dtype)
+    for block, value in zip(layout.blocks, blocks, strict=True):
+      index = tuple(slice(s, s + d) for s, d in zip(block.start, block.shape, strict=True))
+      x = x.at[index].set(value)
+  if layout.permutation is not None:
+    permuted = tuple(layout.shape[a] for a in layout.permutation)
+    return jnp.transpose(x.reshape(permuted), np.argsort(layout.permutation))
+  return x.reshape(layout.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+  """Blocks of one shape, factor mask and dtype, stacked on a leading axis.
+
+  ``members[j] = (leaf, block)`` says that row ``j`` of the stack is block ``block`` of leaf
+  ``leaf`` (leaves in ``jax.tree`` order).
+  """
+
+  shape: tuple[int, ...]
+  preconditioned: tuple[bool, ...]
+  dtype: Any
+  members: tuple[tuple[int, int], ...]
+
+  @property
+  def size(self) -> int:
+    return len(self.members)
+
+  @property
+  def numel(self) -> int:
+    return math.prod(self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeLayout:
+  """The layout of a whole pytree: per-leaf layouts and the buckets of their blocks."""
+
+  treedef: Any
+  leaves: tuple[TensorLayout, ...]
+  buckets: tuple[Bucket, ...]
+  # where[leaf][block] = (bucket index, row in the bucket)
+  where: tuple[tuple[tuple[int, int], ...], ...]
+
+
+def tree_layout(tree: Any, config: LayoutConfig) -> TreeLayout:
+  """Computes the static layout of a pytree of arrays (or ``jax.ShapeDtypeStruct``)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  layouts = tuple(tensor_layout(leaf.shape, config) for leaf in leaves)
+  groups: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+  for i, (leaf, layout) in enumerate(zip(leaves, layouts, strict=True)):
+    for j, block in enumerate(layout.blocks):
+      key = (block.shape, block.preconditioned, jnp.dtype(leaf.dtype))
+      groups.setdefault(key, []).append((i, j))
+  buckets = tuple(
+    Bucket(shape, mask, dtype, tuple(members))
+    for (shape, mask, dtype), members in groups.items()
+  )
+  where: list[list[tuple[int, int]]] = [[(0, 0)] * len(lay.blocks) for lay in layouts]
+  for k, bucket in enumerate(buckets):
+    for row, (i, j) in enumerate(bucket.members):
+      where[i][j] = (k, row)
+  return TreeLayout(treedef, layouts, buckets, tuple(tuple(w) for w in where))
+
+
+def gather(tree: Any, layout: TreeLayout) -> tuple[jax.Array, ...]:
+  """Returns one stacked array ``(bucket.size, *bucket.shape)`` per bucket."""
+  leaves = layout.treedef.flatten_up_to(tree)
+  blocks = [to_blocks(leaf, lay) for leaf, lay in zip(leaves, layout.leaves, strict=True)]
+  return tuple(
+    jnp.stack([blocks[i][j] for i, j in bucket.members]) for bucket in layout.buckets
+  )
+
+
+def scatter(stacks: Sequence[jax.Array], layout: TreeLayout) -> Any:
+  """Inverse of :func:`gather`: rebuilds the pytree from the bucket stacks."""
+  leaves = [
+    from_blocks([stacks[k][row] for k, row in where], lay)
+    for where, lay in zip(layout.where, layout.leaves, strict=True)
+  ]
+  return layout.treedef.unflatten(leaves)

@@ -1,0 +1,360 @@
+"""Replay the authors' golden trajectories with our optimizers.
+
+A golden file ``X.npz`` (with its sidecar ``X.json``) holds a gradient stream and the parameter
+trajectory that a reference PyTorch optimizer produced from it (see ``shared/golden/README.md``).
+:func:`replay` maps the sidecar's reference class and constructor kwargs to our ``scale_by_*``
+transform, feeds it the same gradients, applies the learning rate and weight decay in the
+reference's order around our output, and returns our trajectory. :func:`check` compares it with
+the file: per tensor, the max abs error over all calls divided by the max abs total
+displacement ``|params[25] - params[0]|``.
+
+Command line::
+
+  python -m kl_precond.parity FILE.npz [FILE.npz ...] [--json] [--inject {none,q0,all}]
+
+It exits non-zero when a well-posed tensor misses its tolerance. A tensor is well-posed when
+every Kronecker factor is full rank when its first basis is computed (for the methods whose
+first call only initialises: the first gradient's mode unfoldings have full row rank); other
+tensors depend on the arbitrary eigenbasis of a null space and are reported, not judged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kl_precond import alias
+from kl_precond import layout as layout_lib
+
+TOLERANCE_X64 = 1e-10
+TOLERANCE_F32 = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How to replay one reference configuration.
+
+  Attributes:
+    transform: our direction (``scale_by_*``), before learning rate and weight decay.
+    learning_rate: the reference's learning rate.
+    weight_decay: the reference's weight decay.
+    decay_order: ``"after"``: ``W ← W - ηU; W ← W - ηλW`` (SOAP, KLOpt); ``"before"``:
+      ``W ← (1-ηλ)W; W ← W - ηU`` (AdamWBF16).
+    skips_first_call: the reference's first call neither updates nor decays.
+    layout: the layout our transform uses (for well-posedness and basis injection).
+  """
+
+  transform: optax.GradientTransformation
+  learning_rate: float
+  weight_decay: float
+  decay_order: str
+  skips_first_call: bool
+  layout: layout_lib.LayoutConfig | None
+
+
+_SOAP_KWARGS = {
+  "lr", "betas", "shampoo_beta", "eps", "weight_decay", "precondition_frequency",
+  "max_precond_dim", "merge_dims", "precondition_1d", "normalize_grads", "data_format",
+  "correct_bias", "cast_dtype",
+}
+_KLOPT_KWARGS = {
+  "lr", "betas", "shampoo_beta", "eps", "weight_decay", "precondition_frequency", "using_klsoap",
+  "normalize_grads", "init_factor", "using_damping", "using_clamping", "max_clamp_value",
+  "cast_dtype",
+}
+_ADAMW_KWARGS = {
+  "lr", "betas", "eps", "weight_decay", "is_normalize", "using_scaling", "cast_dtype",
+}
+# KLOpt has no size cap: every axis gets a factor.
+_NO_CAP = 2**31 - 1
+
+
+def _check_kwargs(name: str, kwargs: dict[str, Any], known: set[str]) -> None:
+  unknown = set(kwargs) - known
+  if unknown:
+    raise ValueError(f"{name}: constructor kwargs with no mapping to kl_precond: {sorted(unknown)}")
+
+
+def _shampoo_beta(value: Any) -> Any:
+  return None if value is None or value < 0 else value
+
+
+def _soap_recipe(kwargs: dict[str, Any], upstream: bool) -> Recipe:
+  _check_kwargs("SOAP", kwargs, _SOAP_KWARGS)
+  b1, b2 = kwargs.get("betas", (0.95, 0.95))
+  layout = layout_lib.LayoutConfig(
+    max_precond_dim=int(kwargs.get("max_precond_dim", 10000)),
+    merge_small_dims=bool(kwargs.get("merge_dims", False)),
+    precondition_1d=bool(kwargs.get("precondition_1d", False)),
+    squeeze=False,
+    channels_last=kwargs.get("data_format", "channels_first") == "channels_last",
+  )
+  transform = alias.scale_by_soap(
+    b1, b2, kwargs.get("eps", 1e-8),
+    shampoo_beta=_shampoo_beta(kwargs.get("shampoo_beta", -1)),
+    precondition_frequency=int(kwargs.get("precondition_frequency", 10)),
+    bias_correction=bool(kwargs.get("correct_bias", True)),
+    sort_basis=upstream,
+    normalize_grads=bool(kwargs.get("normalize_grads", False)),
+    layout=layout,
+  )
+  return Recipe(transform, kwargs.get("lr", 3e-3), kwargs.get("weight_decay", 0.01), "after",
+                True, layout)
+
+
+def _klopt_recipe(kwargs: dict[str, Any]) -> Recipe:
+  _check_kwargs("KLOpt", kwargs, _KLOPT_KWARGS)
+  b1, b2 = kwargs.get("betas", (0.9, 0.98))
+  eps = kwargs.get("eps", 1e-8)
+  layout = layout_lib.LayoutConfig(max_precond_dim=_NO_CAP)
+  factory = alias.scale_by_kl_soap if kwargs.get("using_klsoap", False) else alias.scale_by_kl_shampoo
+  transform = factory(
+    b1, b2, eps,
+    shampoo_beta=_shampoo_beta(kwargs.get("shampoo_beta", -1)),
+    precondition_frequency=int(kwargs.get("precondition_frequency", 10)),
+    init_factor=kwargs.get("init_factor", 0.1),
+    max_clamp_value=kwargs.get("max_clamp_value", 4000) if kwargs.get("using_clamping", True)
+    else None,
+    damping=eps if kwargs.get("using_damping", False) else 0.0,
+    normalize_grads=bool(kwargs.get("normalize_grads", False)),
+    layout=layout,
+  )
+  return Recipe(transform, kwargs.get("lr", 1e-4), kwargs.get("weight_decay", 0.01), "after",
+                True, layout)
+
+
+def _adamw_recipe(kwargs: dict[str, Any]) -> Recipe:
+  _check_kwargs("AdamWBF16", kwargs, _ADAMW_KWARGS)
+  if kwargs.get("using_scaling", False):
+    raise ValueError("AdamWBF16(using_scaling=True) has no kl_precond equivalent.")
+  b1, b2 = kwargs.get("betas", (0.9, 0.999))
+  parts = [optax.scale_by_adam(b1, b2, kwargs.get("eps", 1e-8))]
+  if kwargs.get("is_normalize", False):
+    parts.append(optax.stateless(
+      lambda u, p: jax.tree.map(lambda x: x / (1e-30 + jnp.sqrt(jnp.mean(x**2))), u)))
+  return Recipe(optax.chain(*parts), kwargs.get("lr", 1e-3), kwargs.get("weight_decay", 1e-2),
+                "before", False, None)
+
+
+def recipe(sidecar: dict[str, Any]) -> Recipe:
+  """Maps a golden sidecar (reference class and constructor kwargs) to a replay recipe."""
+  reference = sidecar["reference"]
+  kwargs = dict(sidecar["constructor_kwargs"])
+  name = reference.get("class", "")
+  if name == "SOAP":
+    return _soap_recipe(kwargs, upstream=reference.get("repo") == "nikhilvyas/SOAP")
+  if name == "KLOpt":
+    return _klopt_recipe(kwargs)
+  if name == "AdamWBF16":
+    return _adamw_recipe(kwargs)
+  raise ValueError(f"No kl_precond mapping for reference class {name!r} ({reference}).")
+
+
+def _load(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  path = pathlib.Path(path)
+  with np.load(path) as archive:
+    arrays = {key: archive[key] for key in archive.files}
+  sidecar = json.loads(path.with_suffix(".json").read_text())
+  return arrays, sidecar
+
+
+def _injector(
+  arrays: dict[str, np.ndarray], names: Sequence[str], rule: Recipe, params: dict[str, Any],
+  inject: str, x64: bool,
+) -> Callable[[Any, int], Any]:
+  """Returns ``f(state, call)`` that overwrites our bases with the reference's after a call."""
+  if inject == "none" or rule.layout is None:
+    return lambda state, call: state
+  tree = layout_lib.tree_layout(params, rule.layout)
+  leaf_index = {name: i for i, name in enumerate(sorted(names))}
+  prefix = ("q_linalg64" if x64 else "q") if inject == "all" else ("q0_linalg64" if x64 else "q0")
+
+  def inject_fn(state: Any, call: int) -> Any:
+    if inject == "q0" and call != 0:
+      return state
+    buckets = list(state.buckets)
+    for name in names:
+      bucket_id, row = tree.where[leaf_index[name]][0]
+      bases = list(buckets[bucket_id].basis.bases)
+      for axis in range(len(bases)):
+        key = f"{prefix}/{name}/{axis}"
+        if key in arrays and bases[axis] is not None:
+          value = arrays[key] if inject == "q0" else arrays[key][call]
+          bases[axis] = bases[axis].at[row].set(jnp.asarray(value, bases[axis].dtype))
+      basis = buckets[bucket_id].basis._replace(bases=tuple(bases))
+      buckets[bucket_id] = buckets[bucket_id]._replace(basis=basis)
+    return state._replace(buckets=tuple(buckets))
+
+  return inject_fn
+
+
+def _replay(path: str | pathlib.Path, x64: bool, inject: str) -> dict[str, np.ndarray]:
+  arrays, sidecar = _load(path)
+  names = [str(n) for n in arrays["param_names"]]
+  dtype = np.float64 if x64 else np.float32
+  rule = recipe(sidecar)
+  params = {n: jnp.asarray(arrays[f"init/{n}"], dtype) for n in names}
+  grads = {n: jnp.asarray(arrays[f"grads/{n}"], dtype) for n in names}
+  learning_rate = jnp.asarray(rule.learning_rate, dtype)
+  decay = jnp.asarray(rule.weight_decay, dtype)
+  # The innermost transform of the replayed chain carries the bases (injection acts on it).
+  state = rule.transform.init(params)
+  update = jax.jit(rule.transform.update)
+  inject_fn = _injector(arrays, names, rule, params, inject, x64)
+  trajectory = {n: [np.asarray(params[n])] for n in names}
+  for call in range(grads[names[0]].shape[0]):
+    direction, state = update({n: grads[n][call] for n in names}, state, params)
+    state = inject_fn(state, call)
+    if not (rule.skips_first_call and call == 0):
+      params = _apply(params, direction, learning_rate, decay, rule.decay_order)
+    for n in names:
+      trajectory[n].append(np.asarray(params[n]))
+  return {n: np.stack(v) for n, v in trajectory.items()}
+
+
+def _apply(params: Any, direction: Any, lr: jax.Array, decay: jax.Array, order: str) -> Any:
+  def one(p: jax.Array, u: jax.Array) -> jax.Array:
+    if order == "before":
+      return p * (1 - lr * decay) - lr * u
+    p = p - lr * u
+    return p - lr * decay * p
+
+  return jax.tree.map(one, params, direction)
+
+
+def replay(
+  path: str | pathlib.Path, *, x64: bool = True, inject: str = "none"
+) -> dict[str, np.ndarray]:
+  """Replays a golden file with our optimizer; returns ``{name: (calls+1, *shape)}``.
+
+  Args:
+    path: the ``.npz`` file; its ``.json`` sidecar must sit beside it.
+    x64: replay in float64 (compare with ``params_linalg64``); else float32 (``params``).
+    inject: ``"none"``, ``"q0"`` (overwrite our first eigenbasis with the reference's, for
+      tensors whose first factor is rank deficient) or ``"all"`` (after every call, where the
+      file stores it).
+
+  Returns:
+    Our parameter trajectory per tensor, laid out like the file's ``params/<name>``.
+  """
+  if x64:
+    with jax.enable_x64(True):
+      return _replay(path, True, inject)
+  return _replay(path, False, inject)
+
+
+def well_posed(path: str | pathlib.Path) -> dict[str, bool]:
+  """Per tensor: is every Kronecker factor full rank when the first basis is computed?"""
+  arrays, sidecar = _load(path)
+  rule = recipe(sidecar)
+  names = [str(n) for n in arrays["param_names"]]
+  result = {}
+  for name in names:
+    first = arrays[f"grads/{name}"][0]
+    if rule.layout is None:
+      result[name] = True
+      continue
+    tensor = layout_lib.tensor_layout(first.shape, rule.layout)
+    blocks = layout_lib.to_blocks(jnp.asarray(first), tensor)
+    ok = True
+    for block, value in zip(tensor.blocks, blocks, strict=True):
+      value = np.asarray(value)
+      for axis, factored in enumerate(block.preconditioned):
+        if factored:
+          unfolding = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
+          ok &= np.linalg.matrix_rank(unfolding) == value.shape[axis]
+    result[name] = bool(ok)
+  return result
+
+
+def relative_errors(ours: np.ndarray, reference: np.ndarray) -> float:
+  """Max abs error over all calls divided by the max abs total displacement."""
+  displacement = np.max(np.abs(reference[-1] - reference[0]))
+  return float(np.max(np.abs(ours - reference)) / max(displacement, 1e-300))
+
+
+def _fully_injected(arrays: dict[str, np.ndarray], name: str, inject: str) -> bool:
+  """Does the file store an injectable basis for every factor of this tensor?"""
+  if inject == "none":
+    return False
+  prefix = "q0_linalg64" if inject == "q0" else "q_linalg64"
+  shape = arrays[f"init/{name}"].shape
+  return all(f"{prefix}/{name}/{axis}" in arrays for axis in range(len(shape)))
+
+
+def check(path: str | pathlib.Path, *, inject: str = "none") -> dict[str, dict[str, Any]]:
+  """Replays in float64 and float32 and compares; returns one record per tensor.
+
+  A tensor is judged against the tolerances when it is well-posed, or when ``inject`` replaces
+  every one of its bases with the reference's.
+  """
+  arrays, _ = _load(path)
+  posed = well_posed(path)
+  ours64 = replay(path, x64=True, inject=inject)
+  ours32 = replay(path, x64=False, inject=inject)
+  records = {}
+  for name, trajectory in ours64.items():
+    ref64 = arrays.get(f"params_linalg64/{name}", arrays[f"params/{name}"])
+    err64 = relative_errors(trajectory, ref64)
+    err32 = relative_errors(ours32[name], arrays[f"params/{name}"])
+    passed = err64 <= TOLERANCE_X64 and err32 <= TOLERANCE_F32
+    records[name] = {
+      "well_posed": posed[name],
+      "error_x64_vs_linalg64": err64,
+      "error_f32_vs_params": err32,
+      "passed": passed,
+      "judged": posed[name] or _fully_injected(arrays, name, inject),
+      "finite": bool(np.all(np.isfinite(trajectory))),
+    }
+  return records
+
+
+def _format(path: str, records: dict[str, dict[str, Any]]) -> str:
+  lines = [f"{path}", f"  {'tensor':<10} {'posed':<6} {'x64 vs linalg64':>16} {'f32 vs params':>14}  "
+           "status"]
+  for name, r in records.items():
+    status = ("ok" if r["passed"] else "FAIL") if r["judged"] else (
+      "reported" + ("" if r["passed"] else " (ill-posed, not judged)"))
+    lines.append(f"  {name:<10} {str(r['well_posed']):<6} {r['error_x64_vs_linalg64']:>16.3e} "
+                 f"{r['error_f32_vs_params']:>14.3e}  {status}")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; returns the exit status."""
+  import argparse
+
+  parser = argparse.ArgumentParser(prog="python -m kl_precond.parity", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("files", nargs="+")
+  parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+  parser.add_argument("--inject", choices=("none", "q0", "all"), default="none")
+  args = parser.parse_args(argv)
+  results, failed = {}, False
+  for path in args.files:
+    records = check(path, inject=args.inject)
+    results[path] = records
+    failed |= any(r["judged"] and not r["passed"] for r in records.values())
+    if not args.json:
+      print(_format(path, records))
+  if args.json:
+    print(json.dumps(results, indent=2))
+  print(f"tolerances: x64 {TOLERANCE_X64:g} (vs params_linalg64), f32 {TOLERANCE_F32:g} "
+        f"(vs params); {'FAILED' if failed else 'all judged tensors passed'}", file=sys.stderr)
+  return 1 if failed else 0
+
+
+__all__ = ["check", "main", "recipe", "relative_errors", "replay", "well_posed"]
+
+
+if __name__ == "__main__":
+  sys.exit(main())

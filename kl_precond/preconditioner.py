@@ -1,0 +1,206 @@
+"""The chassis: ``scale_by_preconditioner`` composes layout, estimator, basis and scaling.
+
+One step, per bucket of equal-shape blocks (all ``vmap``ed over the stacked blocks):
+
+1. **direction** with the current basis: ``U, scaling_state = scaling.update(G, ...)``;
+2. **statistics**: ``estimator.update(G, ..., bases)`` folds the gradient into the factors;
+3. **refresh** every ``T`` steps (under ``jax.lax.cond`` on the step counter):
+   ``basis.refresh(factors)``, then ``scaling.rotate`` re-expresses buffers kept in the basis.
+
+So the gradient of a step never enters the basis that preconditions it. With
+``statistics_first=True`` (Distributed Shampoo's order) steps 2 and 3 run before step 1.
+
+The first call, with ``skip_first_update=True`` (the authors' SOAP and KL code), only builds the
+factors and the first basis (eigendecomposition, descending columns) and returns a zero update;
+the step counter ``t`` of the scaling starts after it. With ``False`` the first call builds the
+basis from the first gradient and then preconditions that same gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kl_precond import layout as layout_lib
+
+
+class BucketState(NamedTuple):
+  """The state of one bucket; every leaf has a leading axis of the bucket's size."""
+
+  estimator: Any  # the estimator's state, e.g. FrobeniusState or KLState
+  basis: Any  # BasisState
+  scaling: Any  # e.g. AdamState or MomentumState
+
+
+class PreconditionerState(NamedTuple):
+  """State of :func:`scale_by_preconditioner`."""
+
+  count: jax.Array  # (), int32: number of update calls so far
+  basis_failures: jax.Array  # (), int32: refreshes that produced a non-finite basis (kept old)
+  buckets: tuple[BucketState, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stages:
+  estimator: Any
+  basis: Any
+  scaling: Any
+  fallback: Any
+
+  def scaling_for(self, bucket: layout_lib.Bucket) -> Any:
+    if self.fallback is not None and not any(bucket.preconditioned):
+      return self.fallback
+    return self.scaling
+
+
+def _stack(tree: Any, size: int) -> Any:
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (size, *x.shape)), tree)
+
+
+def _init_bucket(stages: _Stages, bucket: layout_lib.Bucket) -> BucketState:
+  args = (bucket.shape, bucket.preconditioned, bucket.dtype)
+  state = BucketState(
+    stages.estimator.init(*args), stages.basis.init(*args), stages.scaling_for(bucket).init(*args)
+  )
+  return _stack(state, bucket.size)
+
+
+def _first(
+  stages: _Stages, bucket: layout_lib.Bucket, grads: jax.Array, state: BucketState, step: Any
+) -> BucketState:
+  """First call: factors from the gradient, then the first (eigh) basis."""
+  if not any(bucket.preconditioned):
+    return state
+  estimator = jax.vmap(stages.estimator.first)(grads, state.estimator)
+  factors = jax.vmap(stages.estimator.factors, in_axes=(0, None))(estimator, step)
+  basis = jax.vmap(stages.basis.first)(factors, state.basis)
+  return state._replace(estimator=estimator, basis=basis)
+
+
+def _direction(
+  stages: _Stages, bucket: layout_lib.Bucket, grads: jax.Array, state: BucketState, step: Any
+) -> tuple[jax.Array, BucketState]:
+  scaling = stages.scaling_for(bucket)
+  if any(bucket.preconditioned):
+    eigenvalues = jax.vmap(stages.estimator.eigenvalues)(state.estimator, state.basis)
+  else:
+    eigenvalues = (None,) * len(bucket.shape)
+  direction, scaling_state = jax.vmap(scaling.update, in_axes=(0, 0, 0, 0, None))(
+    grads, state.scaling, state.basis.bases, eigenvalues, step
+  )
+  return direction, state._replace(scaling=scaling_state)
+
+
+def _statistics(
+  stages: _Stages, bucket: layout_lib.Bucket, grads: jax.Array, state: BucketState, step: Any
+) -> tuple[BucketState, jax.Array]:
+  """Folds the gradient into the factors, then refreshes the basis on refresh steps."""
+  if not any(bucket.preconditioned):
+    return state, jnp.zeros((), jnp.int32)
+  estimator = jax.vmap(stages.estimator.update)(grads, state.estimator, state.basis.bases)
+  state = state._replace(estimator=estimator)
+  scaling = stages.scaling_for(bucket)
+
+  def refresh(state: BucketState) -> tuple[BucketState, jax.Array]:
+    factors = jax.vmap(stages.estimator.factors, in_axes=(0, None))(state.estimator, step)
+    basis, permutations, failed = jax.vmap(stages.basis.refresh)(factors, state.basis)
+    rotated = jax.vmap(scaling.rotate)(state.scaling, state.basis.bases, basis.bases, permutations)
+    return state._replace(basis=basis, scaling=rotated), jnp.sum(failed, dtype=jnp.int32)
+
+  def keep(state: BucketState) -> tuple[BucketState, jax.Array]:
+    return state, jnp.zeros((), jnp.int32)
+
+  return jax.lax.cond(step % stages.basis.every == 0, refresh, keep, state)
+
+
+def scale_by_preconditioner(
+  estimator: Any,
+  basis: Any,
+  scaling: Any,
+  *,
+  layout: layout_lib.LayoutConfig | None = None,
+  fallback: Any = None,
+  skip_first_update: bool = True,
+  statistics_first: bool = False,
+  normalize_grads: bool = False,
+) -> optax.GradientTransformation:
+  """Kronecker-factored preconditioning assembled from stages.
+
+  Every named optimizer of this package is this transform with a choice of stages, e.g.
+  KL-SOAP is ``scale_by_preconditioner(kl(β), qr_every(T, sort=False), adam(b1, b2, eps,
+  bias_correction=False))``.
+
+  Args:
+    estimator: the factor statistics, :func:`kl_precond.frobenius` or :func:`kl_precond.kl`.
+    basis: the refresh policy, :func:`kl_precond.qr_every` or :func:`kl_precond.eigh_every`.
+    scaling: what is done in the eigenbasis, :func:`kl_precond.adam` or
+      :func:`kl_precond.kronecker_eigenvalues`.
+    layout: the static block layout (:class:`kl_precond.LayoutConfig`).
+    fallback: scaling for blocks with no factor at all (0-/1-D tensors); default ``scaling``.
+    skip_first_update: the first call only builds factors and basis and returns zeros.
+    statistics_first: fold the gradient and refresh before computing the direction.
+    normalize_grads: divide each tensor's update by its RMS (``+1e-30``).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`PreconditionerState`.
+  """
+  stages = _Stages(estimator, basis, scaling, fallback)
+  config = layout or layout_lib.LayoutConfig()
+
+  def init_fn(params: Any) -> PreconditionerState:
+    tree = layout_lib.tree_layout(params, config)
+    buckets = tuple(_init_bucket(stages, bucket) for bucket in tree.buckets)
+    zero = jnp.zeros((), jnp.int32)
+    return PreconditionerState(zero, zero, buckets)
+
+  def step_fn(grads: tuple[jax.Array, ...], buckets: tuple[BucketState, ...], step: Any,
+              tree: layout_lib.TreeLayout, first: bool) -> tuple[Any, Any, jax.Array]:
+    directions, new_buckets, failures = [], [], jnp.zeros((), jnp.int32)
+    for bucket, grad, state in zip(tree.buckets, grads, buckets, strict=True):
+      if first:
+        state = _first(stages, bucket, grad, state, step)
+      if statistics_first and not first:
+        state, failed = _statistics(stages, bucket, grad, state, step)
+        failures += failed
+      direction, state = _direction(stages, bucket, grad, state, step)
+      if not statistics_first and not first:
+        state, failed = _statistics(stages, bucket, grad, state, step)
+        failures += failed
+      directions.append(direction.astype(grad.dtype))
+      new_buckets.append(state)
+    return tuple(directions), tuple(new_buckets), failures
+
+  def update_fn(
+    updates: Any, state: PreconditionerState, params: Any = None
+  ) -> tuple[Any, PreconditionerState]:
+    del params
+    tree = layout_lib.tree_layout(updates, config)
+    grads = layout_lib.gather(updates, tree)
+
+    def first_call(buckets: tuple[BucketState, ...]) -> tuple[Any, Any, jax.Array]:
+      if skip_first_update:
+        new = tuple(
+          _first(stages, bucket, g, s, jnp.ones((), jnp.int32))
+          for bucket, g, s in zip(tree.buckets, grads, buckets, strict=True)
+        )
+        return tuple(jnp.zeros_like(g) for g in grads), new, jnp.zeros((), jnp.int32)
+      return step_fn(grads, buckets, jnp.ones((), jnp.int32), tree, first=True)
+
+    def later_call(buckets: tuple[BucketState, ...]) -> tuple[Any, Any, jax.Array]:
+      step = state.count if skip_first_update else state.count + 1
+      return step_fn(grads, buckets, step, tree, first=False)
+
+    directions, buckets, failures = jax.lax.cond(
+      state.count == 0, first_call, later_call, state.buckets
+    )
+    updates = layout_lib.scatter(directions, tree)
+    if normalize_grads:
+      updates = jax.tree.map(lambda u: u / (1e-30 + jnp.sqrt(jnp.mean(u**2))), updates)
+    count = optax.safe_increment(state.count)
+    return updates, PreconditionerState(count, state.basis_failures + failures, buckets)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,231 @@
+"""The ``scaling`` stage: what happens to the gradient in the eigenbasis.
+
+* :func:`adam` (SOAP, KL-SOAP): Adam's moments kept **in the eigenbasis**,
+
+  .. math::
+
+    \\tilde G = \\mathrm{proj}(G),\\quad M \\leftarrow \\beta_1 M + (1-\\beta_1)\\tilde G,\\quad
+    V \\leftarrow \\beta_2 V + (1-\\beta_2)\\tilde G^2,\\quad
+    U = c_t\\,\\mathrm{unproj}\\big(M / (\\sqrt V + \\epsilon)\\big),
+
+  with ``c_t = √(1-β₂ᵗ)/(1-β₁ᵗ)`` under bias correction, else 1. At a basis refresh ``M`` is
+  re-rotated exactly through parameter space; ``V`` is not rotated, only permuted by the basis
+  stage's sort.
+
+* :func:`kronecker_eigenvalues` (KL-Shampoo, Shampoo): a first moment in parameter space, scaled
+  in the eigenbasis by a Kronecker product of per-factor eigenvalue powers,
+
+  .. math::
+
+    M \\leftarrow \\beta_1 M + (1-\\beta_1) G,\\quad
+    U = \\mathrm{unproj}\\big(\\mathrm{proj}(\\hat M) \\odot P\\big),
+
+  with ``P = ⊗_i (λ_i + ε)^(-a_i)`` (``eps_placement="inside"``, Shampoo) or
+  ``P = 1 / (1/⊗_i λ_i^(-a_i) + ε)`` (``"outside"``, KL-Shampoo: Adam's denominator with a
+  Kronecker second moment, ``1/(√(ℓ_a ℓ_b) + ε)`` for ``a_i = 1/2``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kl_precond import tensor_ops
+from kl_precond._validation import check_beta, check_choice, check_nonnegative, check_positive
+
+Bases = Sequence[jax.Array | None]
+
+
+class AdamState(NamedTuple):
+  """State of :func:`adam` for one block."""
+
+  mu: jax.Array  # block shape, moment dtype; first moment in the eigenbasis
+  nu: jax.Array  # block shape, moment dtype; second moment in the eigenbasis
+
+
+@dataclasses.dataclass(frozen=True)
+class Adam:
+  """Adam in the eigenbasis; see :func:`adam`."""
+
+  b1: Any
+  b2: Any
+  eps: Any
+  bias_correction: bool = True
+  dtype: Any = None
+
+  def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any) -> AdamState:
+    del mask
+    zeros = jnp.zeros(tuple(shape), self.dtype or dtype)
+    return AdamState(zeros, zeros)
+
+  def update(
+    self, grad: jax.Array, state: AdamState, bases: Bases, eigenvalues: Any, step: jax.Array
+  ) -> tuple[jax.Array, AdamState]:
+    del eigenvalues
+    projected = tensor_ops.project(grad.astype(state.mu.dtype), bases)
+    mu = self.b1 * state.mu + (1 - self.b1) * projected
+    nu = self.b2 * state.nu + (1 - self.b2) * projected**2
+    direction = tensor_ops.unproject(mu / (jnp.sqrt(nu) + self.eps), bases)
+    if self.bias_correction:
+      direction = direction * _adam_correction(self.b1, self.b2, step, direction.dtype)
+    return direction, AdamState(mu.astype(state.mu.dtype), nu.astype(state.nu.dtype))
+
+  def rotate(
+    self, state: AdamState, old_bases: Bases, new_bases: Bases, permutations: Sequence[Any]
+  ) -> AdamState:
+    """Re-expresses ``M`` in the new basis; permutes ``V`` by the sort (no rotation)."""
+    mu = tensor_ops.project(tensor_ops.unproject(state.mu, old_bases), new_bases)
+    nu = state.nu
+    for axis, permutation in enumerate(permutations):
+      nu = tensor_ops.permute_axis(nu, permutation, axis)
+    return AdamState(mu.astype(state.mu.dtype), nu)
+
+
+def _adam_correction(b1: Any, b2: Any, step: jax.Array, dtype: Any) -> jax.Array:
+  step = step.astype(dtype)
+  return (jnp.sqrt(1 - jnp.asarray(b2, dtype) ** step) / (1 - jnp.asarray(b1, dtype) ** step))
+
+
+def adam(
+  b1: Any = 0.95, b2: Any = 0.95, eps: Any = 1e-8, *, bias_correction: bool = True, dtype: Any = None
+) -> Adam:
+  """Adam moments kept in the eigenbasis (SOAP, KL-SOAP).
+
+  .. math::
+
+    M \\leftarrow \\beta_1 M + (1-\\beta_1)\\tilde G,\\quad
+    V \\leftarrow \\beta_2 V + (1-\\beta_2)\\tilde G^2,\\quad
+    U = c_t\\,\\mathrm{unproj}(M / (\\sqrt V + \\epsilon))
+
+  Args:
+    b1: first-moment EMA weight in ``[0, 1)``.
+    b2: second-moment EMA weight in ``[0, 1)``.
+    eps: added to ``√V`` (after the square root, without bias correction), ``>= 0``.
+    bias_correction: multiply by ``c_t = √(1-β₂ᵗ)/(1-β₁ᵗ)`` (SOAP); KL-SOAP has none.
+    dtype: storage dtype of ``M`` and ``V`` (default: the parameter's dtype).
+
+  Returns:
+    The scaling stage.
+  """
+  check_beta("b1", b1)
+  check_beta("b2", b2)
+  check_nonnegative("eps", eps)
+  return Adam(b1, b2, eps, bias_correction, dtype)
+
+
+class MomentumState(NamedTuple):
+  """State of :func:`kronecker_eigenvalues` for one block."""
+
+  mu: jax.Array  # block shape, moment dtype; first moment in parameter space
+
+
+@dataclasses.dataclass(frozen=True)
+class KroneckerEigenvalues:
+  """Kronecker eigenvalue scaling; see :func:`kronecker_eigenvalues`."""
+
+  b1: Any
+  eps: Any
+  exponents: Any = 0.5
+  eps_placement: str = "outside"
+  bias_correction: bool = False
+  dtype: Any = None
+
+  def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any) -> MomentumState:
+    del mask
+    return MomentumState(jnp.zeros(tuple(shape), self.dtype or dtype))
+
+  def _exponent(self, axis: int, order: int) -> Any:
+    if self.exponents is None:
+      return 1.0 / (2 * order)
+    if isinstance(self.exponents, (tuple, list)):
+      return self.exponents[axis]
+    return self.exponents
+
+  def _powers(self, eigenvalues: Sequence[Any], shape: Sequence[int]) -> jax.Array:
+    powers = []
+    for axis, values in enumerate(eigenvalues):
+      if values is None:
+        powers.append(None)
+        continue
+      exponent = self._exponent(axis, len(shape))
+      if self.eps_placement == "inside":
+        powers.append((values + self.eps) ** -exponent)
+      else:
+        safe = jnp.where(values > 0, values, 1)
+        powers.append(jnp.where(values > 0, safe**-exponent, 0))
+    scale = tensor_ops.kron_outer(powers, shape)
+    if self.eps_placement == "outside":
+      scale = scale / (1 + self.eps * scale)
+    return scale
+
+  def update(
+    self, grad: jax.Array, state: MomentumState, bases: Bases, eigenvalues: Any, step: jax.Array
+  ) -> tuple[jax.Array, MomentumState]:
+    if any(v is None for v, b in zip(eigenvalues, bases, strict=True) if b is not None):
+      raise ValueError(
+        "kronecker_eigenvalues needs eigenvalue estimates for every factored axis: use the kl() "
+        "estimator, or a basis stage that keeps eigenvalues (eigh_every(keep_eigenvalues=True))."
+      )
+    mu = state.mu + (1 - self.b1) * (grad.astype(state.mu.dtype) - state.mu)
+    moment = mu
+    if self.bias_correction:
+      moment = mu / (1 - jnp.asarray(self.b1, mu.dtype) ** step.astype(mu.dtype))
+    scale = self._powers(eigenvalues, mu.shape).astype(mu.dtype)
+    direction = tensor_ops.unproject(tensor_ops.project(moment, bases) * scale, bases)
+    return direction, MomentumState(mu)
+
+  def rotate(
+    self, state: MomentumState, old_bases: Bases, new_bases: Bases, permutations: Sequence[Any]
+  ) -> MomentumState:
+    """The moment lives in parameter space: nothing to rotate."""
+    del old_bases, new_bases, permutations
+    return state
+
+
+def kronecker_eigenvalues(
+  b1: Any = 0.9,
+  eps: Any = 1e-8,
+  *,
+  exponents: Any = 0.5,
+  eps_placement: str = "outside",
+  bias_correction: bool = False,
+  dtype: Any = None,
+) -> KroneckerEigenvalues:
+  """Scale the momentum by powers of the factors' eigenvalues (KL-Shampoo, Shampoo).
+
+  .. math::
+
+    U = \\mathrm{unproj}\\big(\\mathrm{proj}(\\hat M) \\odot P\\big),\\quad
+    P = \\begin{cases}
+      \\bigotimes_i (\\lambda_i + \\epsilon)^{-a_i} & \\text{inside} \\\\
+      \\big(1 / \\bigotimes_i \\lambda_i^{-a_i} + \\epsilon\\big)^{-1} & \\text{outside}
+    \\end{cases}
+
+  where ``M̂ = M/(1-β₁ᵗ)`` under bias correction. With ``eps_placement="outside"`` a zero
+  eigenvalue estimate gives zero scaling (the KL reference's convention).
+
+  Args:
+    b1: momentum EMA weight in ``[0, 1)``.
+    eps: the regulariser, ``>= 0``; where it enters is set by ``eps_placement``.
+    exponents: ``a_i``: one number for every axis, a per-axis tuple, or ``None`` for
+      ``1/(2k)`` on a block of order ``k``.
+    eps_placement: ``"outside"`` (KL-Shampoo) or ``"inside"`` (Shampoo).
+    bias_correction: divide the momentum by ``1 - β₁ᵗ``.
+    dtype: storage dtype of ``M`` (default: the parameter's dtype).
+
+  Returns:
+    The scaling stage.
+  """
+  check_beta("b1", b1)
+  check_nonnegative("eps", eps)
+  check_choice("eps_placement", eps_placement, ("inside", "outside"))
+  if isinstance(exponents, (tuple, list)):
+    for value in exponents:
+      check_nonnegative("exponents", value)
+  elif exponents is not None:
+    check_positive("exponents", exponents)
+  return KroneckerEigenvalues(b1, eps, exponents, eps_placement, bias_correction, dtype)

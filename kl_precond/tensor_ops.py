@@ -1,0 +1,71 @@
+"""Mode products on one block: projection onto Kronecker eigenbases and mode Gram matrices.
+
+A block ``X`` of order ``k`` carries one optional orthogonal matrix per axis. ``None`` stands for
+the identity (an axis with no Kronecker factor). With ``Q_i`` the basis of axis ``i``:
+
+.. math::
+
+  \\mathrm{proj}(X) = X \\times_1 Q_1^\\top \\cdots \\times_k Q_k^\\top, \\qquad
+  \\mathrm{unproj}(X) = X \\times_1 Q_1 \\cdots \\times_k Q_k,
+
+so that for a matrix ``proj(X) = Q_1ᵀ X Q_2`` and ``unproj(X) = Q_1 X Q_2ᵀ``. All functions act on
+a single block; the chassis ``vmap``s them over the stacked blocks of a bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+Bases = Sequence[jax.Array | None]
+
+
+def mode_product(x: jax.Array, matrix: jax.Array, axis: int) -> jax.Array:
+  """Returns ``x ×_axis matrix``: contracts ``axis`` of ``x`` with the columns of ``matrix``.
+
+  .. math:: (X \\times_i A)_{\\dots a \\dots} = \\sum_b A_{ab} X_{\\dots b \\dots}
+  """
+  moved = jnp.tensordot(x, matrix, axes=([axis], [1]))
+  return jnp.moveaxis(moved, -1, axis)
+
+
+def project(x: jax.Array, bases: Bases) -> jax.Array:
+  """Rotates ``x`` into the eigenbasis: ``x ×_i Q_iᵀ`` for every axis with a basis."""
+  for axis, basis in enumerate(bases):
+    if basis is not None:
+      x = mode_product(x, basis.T, axis)
+  return x
+
+
+def unproject(x: jax.Array, bases: Bases) -> jax.Array:
+  """Rotates ``x`` back to parameter space: ``x ×_i Q_i`` for every axis with a basis."""
+  for axis, basis in enumerate(bases):
+    if basis is not None:
+      x = mode_product(x, basis, axis)
+  return x
+
+
+def mode_gram(x: jax.Array, axis: int) -> jax.Array:
+  """Returns ``X_(i) X_(i)ᵀ``: the Gram matrix of the mode-``axis`` unfolding of ``x``."""
+  others = [a for a in range(x.ndim) if a != axis]
+  return jnp.tensordot(x, x, axes=(others, others))
+
+
+def kron_outer(vectors: Sequence[jax.Array | None], shape: Sequence[int]) -> jax.Array:
+  """Returns the outer product ``v_1 ∘ v_2 ∘ ... ∘ v_k`` broadcast to ``shape`` (None = ones)."""
+  out = jnp.ones((), dtype=next((v.dtype for v in vectors if v is not None), jnp.float32))
+  for axis, vector in enumerate(vectors):
+    if vector is not None:
+      view = [1] * len(shape)
+      view[axis] = shape[axis]
+      out = out * vector.reshape(view)
+  return jnp.broadcast_to(out, tuple(shape))
+
+
+def permute_axis(x: jax.Array, permutation: jax.Array | None, axis: int) -> jax.Array:
+  """Reorders ``x`` along ``axis`` by the index vector ``permutation`` (None: unchanged)."""
+  if permutation is None:
+    return x
+  return jnp.take(x, permutation, axis=axis)
