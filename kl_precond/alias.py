@@ -73,6 +73,7 @@ def scale_by_soap(
   normalize_grads: bool = False,
   layout: LayoutConfig | None = None,
   dtype: Any = None,
+  nonfinite: str = "skip",
 ) -> optax.GradientTransformation:
   """SOAP: Adam in the eigenbasis of Shampoo's Frobenius factors (Vyas et al., 2024).
 
@@ -105,6 +106,8 @@ def scale_by_soap(
       layout arguments above.
     dtype: storage dtype of moments, factors and bases (default: the parameter's dtype);
       decompositions always run in float32 or higher.
+    nonfinite: ``"skip"`` a call whose gradient has NaN/Inf (zero update, state kept, counted in
+      ``skipped``) or ``"propagate"`` it.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -126,6 +129,7 @@ def scale_by_soap(
     scaling.adam(b1, b2, eps, bias_correction=bias_correction, dtype=dtype),
     layout=_layout(layout, max_precond_dim, merge_small_dims, precondition_1d),
     normalize_grads=normalize_grads,
+    nonfinite=nonfinite,
   )
 
 
@@ -177,6 +181,7 @@ def scale_by_kl_soap(
   sort_basis: bool = False,
   layout: LayoutConfig | None = None,
   dtype: Any = None,
+  nonfinite: str = "skip",
 ) -> optax.GradientTransformation:
   """KL-SOAP: Adam in the eigenbasis of the KL covariance estimate (Lin et al., 2025).
 
@@ -207,6 +212,8 @@ def scale_by_kl_soap(
     sort_basis: sort columns before the power step (not in the reference).
     layout: a full :class:`LayoutConfig` instead of the three layout arguments.
     dtype: storage dtype of all state (e.g. ``jnp.bfloat16``); decompositions run in float32.
+    nonfinite: ``"skip"`` a call whose gradient has NaN/Inf (zero update, state kept, counted in
+      ``skipped``) or ``"propagate"`` it.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -225,6 +232,7 @@ def scale_by_kl_soap(
     scaling.adam(b1, b2, eps, bias_correction=False, dtype=dtype),
     layout=_layout(layout, max_precond_dim, merge_small_dims, precondition_1d),
     normalize_grads=normalize_grads,
+    nonfinite=nonfinite,
   )
 
 
@@ -259,6 +267,7 @@ def scale_by_kl_shampoo(
   sort_basis: bool = False,
   layout: LayoutConfig | None = None,
   dtype: Any = None,
+  nonfinite: str = "skip",
 ) -> optax.GradientTransformation:
   """KL-Shampoo: Kronecker-factored Adam whose second moment is the KL estimate (Lin et al.).
 
@@ -289,6 +298,8 @@ def scale_by_kl_shampoo(
     sort_basis: sort columns before the power step (not in the reference).
     layout: a full :class:`LayoutConfig` instead of the three layout arguments.
     dtype: storage dtype of all state (e.g. ``jnp.bfloat16``); decompositions run in float32.
+    nonfinite: ``"skip"`` a call whose gradient has NaN/Inf (zero update, state kept, counted in
+      ``skipped``) or ``"propagate"`` it.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -314,6 +325,7 @@ def scale_by_kl_shampoo(
     layout=_layout(layout, max_precond_dim, merge_small_dims, precondition_1d),
     fallback=scaling.adam(b1, b2, eps, bias_correction=True, dtype=dtype),
     normalize_grads=normalize_grads,
+    nonfinite=nonfinite,
   )
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from kl_precond import layout as layout_lib
+from kl_precond._validation import check_choice
 
 
 class BucketState(NamedTuple):
@@ -39,8 +40,9 @@ class BucketState(NamedTuple):
 class PreconditionerState(NamedTuple):
   """State of :func:`scale_by_preconditioner`."""
 
-  count: jax.Array  # (), int32: number of update calls so far
-  basis_failures: jax.Array  # (), int32: refreshes that produced a non-finite basis (kept old)
+  count: jax.Array  # (), int32: number of accepted update calls so far
+  skipped: jax.Array  # (), int32: calls skipped because the gradient was not finite
+  basis_failures: jax.Array  # (), int32: blocks whose refresh gave a non-finite basis (kept old)
   buckets: tuple[BucketState, ...]
 
 
@@ -127,6 +129,7 @@ def scale_by_preconditioner(
   skip_first_update: bool = True,
   statistics_first: bool = False,
   normalize_grads: bool = False,
+  nonfinite: str = "skip",
 ) -> optax.GradientTransformation:
   """Kronecker-factored preconditioning assembled from stages.
 
@@ -144,10 +147,14 @@ def scale_by_preconditioner(
     skip_first_update: the first call only builds factors and basis and returns zeros.
     statistics_first: fold the gradient and refresh before computing the direction.
     normalize_grads: divide each tensor's update by its RMS (``+1e-30``).
+    nonfinite: what a gradient with NaN or Inf does. ``"skip"`` (default): the call returns a
+      zero update, leaves the state untouched (the step counter too) and counts the call in
+      ``skipped``. ``"propagate"``: the values flow through, as in the references.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`PreconditionerState`.
   """
+  check_choice("nonfinite", nonfinite, ("skip", "propagate"))
   stages = _Stages(estimator, basis, scaling, fallback)
   config = layout or layout_lib.LayoutConfig()
 
@@ -155,7 +162,7 @@ def scale_by_preconditioner(
     tree = layout_lib.tree_layout(params, config)
     buckets = tuple(_init_bucket(stages, bucket) for bucket in tree.buckets)
     zero = jnp.zeros((), jnp.int32)
-    return PreconditionerState(zero, zero, buckets)
+    return PreconditionerState(zero, zero, zero, buckets)
 
   def step_fn(grads: tuple[jax.Array, ...], buckets: tuple[BucketState, ...], step: Any,
               tree: layout_lib.TreeLayout, first: bool) -> tuple[Any, Any, jax.Array]:
@@ -194,13 +201,26 @@ def scale_by_preconditioner(
       step = state.count if skip_first_update else state.count + 1
       return step_fn(grads, buckets, step, tree, first=False)
 
-    directions, buckets, failures = jax.lax.cond(
-      state.count == 0, first_call, later_call, state.buckets
-    )
+    def accept(state: PreconditionerState) -> tuple[Any, PreconditionerState]:
+      directions, buckets, failures = jax.lax.cond(
+        state.count == 0, first_call, later_call, state.buckets
+      )
+      count = optax.safe_increment(state.count)
+      failures = state.basis_failures + failures
+      return directions, PreconditionerState(count, state.skipped, failures, buckets)
+
+    def skip(state: PreconditionerState) -> tuple[Any, PreconditionerState]:
+      zeros = tuple(jnp.zeros_like(g) for g in grads)
+      return zeros, state._replace(skipped=optax.safe_increment(state.skipped))
+
+    if nonfinite == "skip":
+      finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in grads] or [True]))
+      directions, state = jax.lax.cond(finite, accept, skip, state)
+    else:
+      directions, state = accept(state)
     updates = layout_lib.scatter(directions, tree)
     if normalize_grads:
       updates = jax.tree.map(lambda u: u / (1e-30 + jnp.sqrt(jnp.mean(u**2))), updates)
-    count = optax.safe_increment(state.count)
-    return updates, PreconditionerState(count, state.basis_failures + failures, buckets)
+    return updates, state
 
   return optax.GradientTransformation(init_fn, update_fn)
