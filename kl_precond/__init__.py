@@ -22,7 +22,12 @@ from kl_precond.scaling import AdamState, MomentumState, adam, kronecker_eigenva
 
 __version__ = "0.1.0"
 
+# Hyperparameters that shape the computation (sizes, periods) and so cannot be traced arrays:
+# ``optax.inject_hyperparams(kp.soap, static_args=kp.STATIC_HYPERPARAMS)``.
+STATIC_HYPERPARAMS = ("precondition_frequency", "max_precond_dim")
+
 __all__ = [
+  "STATIC_HYPERPARAMS",
   "AdamState",
   "BasisState",
   "BucketState",

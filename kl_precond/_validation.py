@@ -53,7 +53,10 @@ def check_nonnegative(name: str, value: Any) -> None:
 def check_frequency(name: str, value: Any) -> None:
   """``value`` must be a Python integer ``>= 1`` (it is static)."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    raise ValueError(
+      f"{name} must be a Python integer >= 1, got {value!r} (it is static: under "
+      f"optax.inject_hyperparams pass static_args=kl_precond.STATIC_HYPERPARAMS)."
+    )
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:

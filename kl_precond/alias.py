@@ -48,8 +48,10 @@ def _factor_beta(shampoo_beta: Any, b2: Any) -> Any:
 
 
 def _with_decay(
-  transform: optax.GradientTransformation, learning_rate: optax.ScalarOrSchedule,
-  weight_decay: Any, mask: Any
+  transform: optax.GradientTransformation,
+  learning_rate: optax.ScalarOrSchedule,
+  weight_decay: Any,
+  mask: Any,
 ) -> optax.GradientTransformation:
   return optax.chain(
     transform,
@@ -141,25 +143,66 @@ def soap(
   weight_decay: Any = 0.01,
   *,
   mask: Any = None,
-  **kwargs: Any,
+  shampoo_beta: Any = None,
+  precondition_frequency: int = 10,
+  max_precond_dim: int = 10000,
+  merge_small_dims: bool = False,
+  precondition_1d: bool = False,
+  bias_correction: bool = True,
+  sort_basis: bool = True,
+  normalize_grads: bool = False,
+  layout: LayoutConfig | None = None,
+  dtype: Any = None,
+  nonfinite: str = "skip",
 ) -> optax.GradientTransformation:
-  """SOAP with decoupled weight decay; ``kwargs`` go to :func:`scale_by_soap`.
+  """SOAP with decoupled weight decay: ``W ← W - η(U + λW)``, ``U`` from :func:`scale_by_soap`.
+
+  Args:
+    learning_rate: ``η``, a number or an optax schedule.
+    weight_decay: ``λ``.
+    mask: pytree (or callable) of booleans: which parameters are decayed.
+    **others: as in :func:`scale_by_soap`.
 
   Example:
     >>> import optax, kl_precond as kp
     >>> schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 100, 1000)
     >>> tx = optax.chain(optax.clip_by_global_norm(1.0), kp.soap(schedule))
   """
-  return _with_decay(scale_by_soap(b1, b2, eps, **kwargs), learning_rate, weight_decay, mask)
+  direction = scale_by_soap(
+    b1,
+    b2,
+    eps,
+    shampoo_beta=shampoo_beta,
+    precondition_frequency=precondition_frequency,
+    max_precond_dim=max_precond_dim,
+    merge_small_dims=merge_small_dims,
+    precondition_1d=precondition_1d,
+    bias_correction=bias_correction,
+    sort_basis=sort_basis,
+    normalize_grads=normalize_grads,
+    layout=layout,
+    dtype=dtype,
+    nonfinite=nonfinite,
+  )
+  return _with_decay(direction, learning_rate, weight_decay, mask)
 
 
 def _kl_stages(
-  b2: Any, shampoo_beta: Any, precondition_frequency: int, init_factor: Any,
-  max_clamp_value: Any, damping: Any, sort_basis: bool, dtype: Any
+  b2: Any,
+  shampoo_beta: Any,
+  precondition_frequency: int,
+  init_factor: Any,
+  max_clamp_value: Any,
+  damping: Any,
+  sort_basis: bool,
+  dtype: Any,
 ) -> tuple[estimators.KL, basis_lib.Refresh]:
   estimator = estimators.kl(
-    _factor_beta(shampoo_beta, b2), init_factor=init_factor, max_clamp_value=max_clamp_value,
-    damping=damping, dtype=dtype,
+    _factor_beta(shampoo_beta, b2),
+    init_factor=init_factor,
+    max_clamp_value=max_clamp_value,
+    damping=damping,
+    dtype=dtype,
   )
   return estimator, basis_lib.qr_every(precondition_frequency, sort=sort_basis, dtype=dtype)
 
@@ -223,8 +266,14 @@ def scale_by_kl_soap(
     Minimization", 2025, https://arxiv.org/abs/2509.03378
   """
   estimator, refresh = _kl_stages(
-    b2, shampoo_beta, precondition_frequency, init_factor, max_clamp_value, damping,
-    sort_basis, dtype,
+    b2,
+    shampoo_beta,
+    precondition_frequency,
+    init_factor,
+    max_clamp_value,
+    damping,
+    sort_basis,
+    dtype,
   )
   return preconditioner.scale_by_preconditioner(
     estimator,
@@ -244,10 +293,47 @@ def kl_soap(
   weight_decay: Any = 0.01,
   *,
   mask: Any = None,
-  **kwargs: Any,
+  shampoo_beta: Any = None,
+  precondition_frequency: int = 10,
+  init_factor: Any = 0.1,
+  max_clamp_value: Any = 4000.0,
+  damping: Any = 0.0,
+  max_precond_dim: int = 10000,
+  merge_small_dims: bool = False,
+  precondition_1d: bool = False,
+  normalize_grads: bool = False,
+  sort_basis: bool = False,
+  layout: LayoutConfig | None = None,
+  dtype: Any = None,
+  nonfinite: str = "skip",
 ) -> optax.GradientTransformation:
-  """KL-SOAP with decoupled weight decay; ``kwargs`` go to :func:`scale_by_kl_soap`."""
-  return _with_decay(scale_by_kl_soap(b1, b2, eps, **kwargs), learning_rate, weight_decay, mask)
+  """KL-SOAP with decoupled weight decay: ``W ← W - η(U + λW)``, ``U`` from :func:`scale_by_kl_soap`.
+
+  Args:
+    learning_rate: ``η``, a number or an optax schedule.
+    weight_decay: ``λ``.
+    mask: pytree (or callable) of booleans: which parameters are decayed.
+    **others: as in :func:`scale_by_kl_soap`.
+  """
+  direction = scale_by_kl_soap(
+    b1,
+    b2,
+    eps,
+    shampoo_beta=shampoo_beta,
+    precondition_frequency=precondition_frequency,
+    init_factor=init_factor,
+    max_clamp_value=max_clamp_value,
+    damping=damping,
+    max_precond_dim=max_precond_dim,
+    merge_small_dims=merge_small_dims,
+    precondition_1d=precondition_1d,
+    normalize_grads=normalize_grads,
+    sort_basis=sort_basis,
+    layout=layout,
+    dtype=dtype,
+    nonfinite=nonfinite,
+  )
+  return _with_decay(direction, learning_rate, weight_decay, mask)
 
 
 def scale_by_kl_shampoo(
@@ -315,8 +401,14 @@ def scale_by_kl_shampoo(
     Minimization", 2025, https://arxiv.org/abs/2509.03378
   """
   estimator, refresh = _kl_stages(
-    b2, shampoo_beta, precondition_frequency, init_factor, max_clamp_value, damping,
-    sort_basis, dtype,
+    b2,
+    shampoo_beta,
+    precondition_frequency,
+    init_factor,
+    max_clamp_value,
+    damping,
+    sort_basis,
+    dtype,
   )
   return preconditioner.scale_by_preconditioner(
     estimator,
@@ -337,9 +429,44 @@ def kl_shampoo(
   weight_decay: Any = 0.01,
   *,
   mask: Any = None,
-  **kwargs: Any,
+  shampoo_beta: Any = None,
+  precondition_frequency: int = 10,
+  init_factor: Any = 0.1,
+  max_clamp_value: Any = 4000.0,
+  damping: Any = 0.0,
+  max_precond_dim: int = 10000,
+  merge_small_dims: bool = False,
+  precondition_1d: bool = False,
+  normalize_grads: bool = False,
+  sort_basis: bool = False,
+  layout: LayoutConfig | None = None,
+  dtype: Any = None,
+  nonfinite: str = "skip",
 ) -> optax.GradientTransformation:
-  """KL-Shampoo with decoupled weight decay; ``kwargs`` go to :func:`scale_by_kl_shampoo`."""
-  return _with_decay(
-    scale_by_kl_shampoo(b1, b2, eps, **kwargs), learning_rate, weight_decay, mask
+  """KL-Shampoo with decoupled weight decay: ``W ← W - η(U + λW)``, ``U`` from :func:`scale_by_kl_shampoo`.
+
+  Args:
+    learning_rate: ``η``, a number or an optax schedule.
+    weight_decay: ``λ``.
+    mask: pytree (or callable) of booleans: which parameters are decayed.
+    **others: as in :func:`scale_by_kl_shampoo`.
+  """
+  direction = scale_by_kl_shampoo(
+    b1,
+    b2,
+    eps,
+    shampoo_beta=shampoo_beta,
+    precondition_frequency=precondition_frequency,
+    init_factor=init_factor,
+    max_clamp_value=max_clamp_value,
+    damping=damping,
+    max_precond_dim=max_precond_dim,
+    merge_small_dims=merge_small_dims,
+    precondition_1d=precondition_1d,
+    normalize_grads=normalize_grads,
+    sort_basis=sort_basis,
+    layout=layout,
+    dtype=dtype,
+    nonfinite=nonfinite,
   )
+  return _with_decay(direction, learning_rate, weight_decay, mask)

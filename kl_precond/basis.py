@@ -75,9 +75,10 @@ class Refresh:
     return BasisState(bases, values)
 
   def _decompose(self, factors: Matrices, state: BasisState) -> BasisState:
-    bases, values = [], []
+    bases: list[jax.Array | None] = []
+    values: list[jax.Array | None] = []
     for factor, old_basis, old_values in zip(factors, state.bases, state.eigenvalues, strict=True):
-      if factor is None:
+      if factor is None or old_basis is None:
         bases.append(None)
         values.append(None)
         continue
@@ -100,7 +101,9 @@ class Refresh:
     """The first basis: eigendecomposition, columns by descending eigenvalue."""
     return self._keep_if_failed(self._decompose(factors, state), state)[0]
 
-  def refresh(self, factors: Matrices, state: BasisState) -> tuple[BasisState, tuple[Any, ...], Any]:
+  def refresh(
+    self, factors: Matrices, state: BasisState
+  ) -> tuple[BasisState, tuple[Any, ...], Any]:
     """A periodic refresh. Returns the new state, per-axis permutations and a failure flag."""
     if self.method == "eigh":
       new_state, permutations = self._decompose(factors, state), (None,) * len(factors)

@@ -207,20 +207,25 @@ class KL:
     if grad.ndim == 3:
       old = list(roots)
       for axis in (2, 1):
-        if factors[axis] is not None:
-          factors[axis] = self._update_factor(grad, factors[axis], bases, old, axis)
+        factor = factors[axis]
+        if factor is not None:
+          factors[axis] = self._update_factor(grad, factor, bases, old, axis)
       for axis in (2, 1):
         if roots[axis] is not None:
-          roots[axis] = self._update_root(projected, [old[0], roots[1], roots[2]], axis,
-                                          dampings[axis])
-      if factors[0] is not None:
+          roots[axis] = self._update_root(
+            projected, [old[0], roots[1], roots[2]], axis, dampings[axis]
+          )
+      first_factor = factors[0]
+      if first_factor is not None:
         mixed = [old[0], roots[1], old[2]]
-        factors[0] = self._update_factor(grad, factors[0], bases, mixed, 0)
+        factors[0] = self._update_factor(grad, first_factor, bases, mixed, 0)
         roots[0] = self._update_root(projected, mixed, 0, dampings[0])
     else:
       old = list(roots)
       for axis in active:
-        factors[axis] = self._update_factor(grad, factors[axis], bases, old, axis)
+        factor = factors[axis]
+        assert factor is not None
+        factors[axis] = self._update_factor(grad, factor, bases, old, axis)
         roots[axis] = self._update_root(projected, old, axis, dampings[axis])
     return KLState(tuple(factors), tuple(roots))
 
@@ -231,9 +236,7 @@ class KL:
   def eigenvalues(self, state: KLState, basis_state: Any) -> tuple[Any, ...]:
     """The EMA eigenvalue estimates ``ℓ_i = 1/s_i²`` (zero where ``s_i = 0``)."""
     del basis_state
-    return tuple(
-      None if r is None else jnp.where(r != 0, 1 / r**2, 0) for r in state.inverse_roots
-    )
+    return tuple(None if r is None else jnp.where(r != 0, 1 / r**2, 0) for r in state.inverse_roots)
 
 
 def kl(

@@ -153,7 +153,7 @@ def from_blocks(blocks: Sequence[jax.Array], layout: TensorLayout) -> jax.Array:
       x = x.at[index].set(value)
   if layout.permutation is not None:
     permuted = tuple(layout.shape[a] for a in layout.permutation)
-    return jnp.transpose(x.reshape(permuted), np.argsort(layout.permutation))
+    return jnp.transpose(x.reshape(permuted), tuple(int(a) for a in np.argsort(layout.permutation)))
   return x.reshape(layout.shape)
 
 
@@ -200,8 +200,7 @@ def tree_layout(tree: Any, config: LayoutConfig) -> TreeLayout:
       key = (block.shape, block.preconditioned, jnp.dtype(leaf.dtype))
       groups.setdefault(key, []).append((i, j))
   buckets = tuple(
-    Bucket(shape, mask, dtype, tuple(members))
-    for (shape, mask, dtype), members in groups.items()
+    Bucket(shape, mask, dtype, tuple(members)) for (shape, mask, dtype), members in groups.items()
   )
   where: list[list[tuple[int, int]]] = [[(0, 0)] * len(lay.blocks) for lay in layouts]
   for k, bucket in enumerate(buckets):
@@ -214,9 +213,7 @@ def gather(tree: Any, layout: TreeLayout) -> tuple[jax.Array, ...]:
   """Returns one stacked array ``(bucket.size, *bucket.shape)`` per bucket."""
   leaves = layout.treedef.flatten_up_to(tree)
   blocks = [to_blocks(leaf, lay) for leaf, lay in zip(leaves, layout.leaves, strict=True)]
-  return tuple(
-    jnp.stack([blocks[i][j] for i, j in bucket.members]) for bucket in layout.buckets
-  )
+  return tuple(jnp.stack([blocks[i][j] for i, j in bucket.members]) for bucket in layout.buckets)
 
 
 def scatter(stacks: Sequence[jax.Array], layout: TreeLayout) -> Any:

@@ -62,17 +62,43 @@ class Recipe:
 
 
 _SOAP_KWARGS = {
-  "lr", "betas", "shampoo_beta", "eps", "weight_decay", "precondition_frequency",
-  "max_precond_dim", "merge_dims", "precondition_1d", "normalize_grads", "data_format",
-  "correct_bias", "cast_dtype",
+  "lr",
+  "betas",
+  "shampoo_beta",
+  "eps",
+  "weight_decay",
+  "precondition_frequency",
+  "max_precond_dim",
+  "merge_dims",
+  "precondition_1d",
+  "normalize_grads",
+  "data_format",
+  "correct_bias",
+  "cast_dtype",
 }
 _KLOPT_KWARGS = {
-  "lr", "betas", "shampoo_beta", "eps", "weight_decay", "precondition_frequency", "using_klsoap",
-  "normalize_grads", "init_factor", "using_damping", "using_clamping", "max_clamp_value",
+  "lr",
+  "betas",
+  "shampoo_beta",
+  "eps",
+  "weight_decay",
+  "precondition_frequency",
+  "using_klsoap",
+  "normalize_grads",
+  "init_factor",
+  "using_damping",
+  "using_clamping",
+  "max_clamp_value",
   "cast_dtype",
 }
 _ADAMW_KWARGS = {
-  "lr", "betas", "eps", "weight_decay", "is_normalize", "using_scaling", "cast_dtype",
+  "lr",
+  "betas",
+  "eps",
+  "weight_decay",
+  "is_normalize",
+  "using_scaling",
+  "cast_dtype",
 }
 # KLOpt has no size cap: every axis gets a factor.
 _NO_CAP = 2**31 - 1
@@ -99,7 +125,9 @@ def _soap_recipe(kwargs: dict[str, Any], upstream: bool) -> Recipe:
     channels_last=kwargs.get("data_format", "channels_first") == "channels_last",
   )
   transform = alias.scale_by_soap(
-    b1, b2, kwargs.get("eps", 1e-8),
+    b1,
+    b2,
+    kwargs.get("eps", 1e-8),
     shampoo_beta=_shampoo_beta(kwargs.get("shampoo_beta", -1)),
     precondition_frequency=int(kwargs.get("precondition_frequency", 10)),
     bias_correction=bool(kwargs.get("correct_bias", True)),
@@ -107,8 +135,9 @@ def _soap_recipe(kwargs: dict[str, Any], upstream: bool) -> Recipe:
     normalize_grads=bool(kwargs.get("normalize_grads", False)),
     layout=layout,
   )
-  return Recipe(transform, kwargs.get("lr", 3e-3), kwargs.get("weight_decay", 0.01), "after",
-                True, layout)
+  return Recipe(
+    transform, kwargs.get("lr", 3e-3), kwargs.get("weight_decay", 0.01), "after", True, layout
+  )
 
 
 def _klopt_recipe(kwargs: dict[str, Any]) -> Recipe:
@@ -116,20 +145,26 @@ def _klopt_recipe(kwargs: dict[str, Any]) -> Recipe:
   b1, b2 = kwargs.get("betas", (0.9, 0.98))
   eps = kwargs.get("eps", 1e-8)
   layout = layout_lib.LayoutConfig(max_precond_dim=_NO_CAP)
-  factory = alias.scale_by_kl_soap if kwargs.get("using_klsoap", False) else alias.scale_by_kl_shampoo
+  factory = (
+    alias.scale_by_kl_soap if kwargs.get("using_klsoap", False) else alias.scale_by_kl_shampoo
+  )
   transform = factory(
-    b1, b2, eps,
+    b1,
+    b2,
+    eps,
     shampoo_beta=_shampoo_beta(kwargs.get("shampoo_beta", -1)),
     precondition_frequency=int(kwargs.get("precondition_frequency", 10)),
     init_factor=kwargs.get("init_factor", 0.1),
-    max_clamp_value=kwargs.get("max_clamp_value", 4000) if kwargs.get("using_clamping", True)
+    max_clamp_value=kwargs.get("max_clamp_value", 4000)
+    if kwargs.get("using_clamping", True)
     else None,
     damping=eps if kwargs.get("using_damping", False) else 0.0,
     normalize_grads=bool(kwargs.get("normalize_grads", False)),
     layout=layout,
   )
-  return Recipe(transform, kwargs.get("lr", 1e-4), kwargs.get("weight_decay", 0.01), "after",
-                True, layout)
+  return Recipe(
+    transform, kwargs.get("lr", 1e-4), kwargs.get("weight_decay", 0.01), "after", True, layout
+  )
 
 
 def _adamw_recipe(kwargs: dict[str, Any]) -> Recipe:
@@ -139,10 +174,19 @@ def _adamw_recipe(kwargs: dict[str, Any]) -> Recipe:
   b1, b2 = kwargs.get("betas", (0.9, 0.999))
   parts = [optax.scale_by_adam(b1, b2, kwargs.get("eps", 1e-8))]
   if kwargs.get("is_normalize", False):
-    parts.append(optax.stateless(
-      lambda u, p: jax.tree.map(lambda x: x / (1e-30 + jnp.sqrt(jnp.mean(x**2))), u)))
-  return Recipe(optax.chain(*parts), kwargs.get("lr", 1e-3), kwargs.get("weight_decay", 1e-2),
-                "before", False, None)
+    parts.append(
+      optax.stateless(
+        lambda u, p: jax.tree.map(lambda x: x / (1e-30 + jnp.sqrt(jnp.mean(x**2))), u)
+      )
+    )
+  return Recipe(
+    optax.chain(*parts),
+    kwargs.get("lr", 1e-3),
+    kwargs.get("weight_decay", 1e-2),
+    "before",
+    False,
+    None,
+  )
 
 
 def recipe(sidecar: dict[str, Any]) -> Recipe:
@@ -168,8 +212,12 @@ def _load(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, An
 
 
 def _injector(
-  arrays: dict[str, np.ndarray], names: Sequence[str], rule: Recipe, params: dict[str, Any],
-  inject: str, x64: bool,
+  arrays: dict[str, np.ndarray],
+  names: Sequence[str],
+  rule: Recipe,
+  params: dict[str, Any],
+  inject: str,
+  x64: bool,
 ) -> Callable[[Any, int], Any]:
   """Returns ``f(state, call)`` that overwrites our bases with the reference's after a call."""
   if inject == "none" or rule.layout is None:
@@ -266,12 +314,12 @@ def well_posed(path: str | pathlib.Path) -> dict[str, bool]:
     tensor = layout_lib.tensor_layout(first.shape, rule.layout)
     blocks = layout_lib.to_blocks(jnp.asarray(first), tensor)
     ok = True
-    for block, value in zip(tensor.blocks, blocks, strict=True):
-      value = np.asarray(value)
+    for block, block_value in zip(tensor.blocks, blocks, strict=True):
+      value = np.asarray(block_value)
       for axis, factored in enumerate(block.preconditioned):
         if factored:
           unfolding = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
-          ok &= np.linalg.matrix_rank(unfolding) == value.shape[axis]
+          ok &= bool(np.linalg.matrix_rank(unfolding) == value.shape[axis])
     result[name] = bool(ok)
   return result
 
@@ -319,13 +367,20 @@ def check(path: str | pathlib.Path, *, inject: str = "none") -> dict[str, dict[s
 
 
 def _format(path: str, records: dict[str, dict[str, Any]]) -> str:
-  lines = [f"{path}", f"  {'tensor':<10} {'posed':<6} {'x64 vs linalg64':>16} {'f32 vs params':>14}  "
-           "status"]
+  lines = [
+    f"{path}",
+    f"  {'tensor':<10} {'posed':<6} {'x64 vs linalg64':>16} {'f32 vs params':>14}  status",
+  ]
   for name, r in records.items():
-    status = ("ok" if r["passed"] else "FAIL") if r["judged"] else (
-      "reported" + ("" if r["passed"] else " (ill-posed, not judged)"))
-    lines.append(f"  {name:<10} {str(r['well_posed']):<6} {r['error_x64_vs_linalg64']:>16.3e} "
-                 f"{r['error_f32_vs_params']:>14.3e}  {status}")
+    status = (
+      ("ok" if r["passed"] else "FAIL")
+      if r["judged"]
+      else ("reported" + ("" if r["passed"] else " (ill-posed, not judged)"))
+    )
+    lines.append(
+      f"  {name:<10} {str(r['well_posed']):<6} {r['error_x64_vs_linalg64']:>16.3e} "
+      f"{r['error_f32_vs_params']:>14.3e}  {status}"
+    )
   return "\n".join(lines)
 
 
@@ -333,8 +388,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; returns the exit status."""
   import argparse
 
-  parser = argparse.ArgumentParser(prog="python -m kl_precond.parity", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m kl_precond.parity",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("files", nargs="+")
   parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
   parser.add_argument("--inject", choices=("none", "q0", "all"), default="none")
@@ -348,8 +406,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(_format(path, records))
   if args.json:
     print(json.dumps(results, indent=2))
-  print(f"tolerances: x64 {TOLERANCE_X64:g} (vs params_linalg64), f32 {TOLERANCE_F32:g} "
-        f"(vs params); {'FAILED' if failed else 'all judged tensors passed'}", file=sys.stderr)
+  print(
+    f"tolerances: x64 {TOLERANCE_X64:g} (vs params_linalg64), f32 {TOLERANCE_F32:g} "
+    f"(vs params); {'FAILED' if failed else 'all judged tensors passed'}",
+    file=sys.stderr,
+  )
   return 1 if failed else 0
 
 

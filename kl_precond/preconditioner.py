@@ -40,7 +40,7 @@ class BucketState(NamedTuple):
 class PreconditionerState(NamedTuple):
   """State of :func:`scale_by_preconditioner`."""
 
-  count: jax.Array  # (), int32: number of accepted update calls so far
+  count: jax.Array  # type: ignore[assignment]  # (), int32: accepted update calls so far
   skipped: jax.Array  # (), int32: calls skipped because the gradient was not finite
   basis_failures: jax.Array  # (), int32: blocks whose refresh gave a non-finite basis (kept old)
   buckets: tuple[BucketState, ...]
@@ -164,8 +164,13 @@ def scale_by_preconditioner(
     zero = jnp.zeros((), jnp.int32)
     return PreconditionerState(zero, zero, zero, buckets)
 
-  def step_fn(grads: tuple[jax.Array, ...], buckets: tuple[BucketState, ...], step: Any,
-              tree: layout_lib.TreeLayout, first: bool) -> tuple[Any, Any, jax.Array]:
+  def step_fn(
+    grads: tuple[jax.Array, ...],
+    buckets: tuple[BucketState, ...],
+    step: Any,
+    tree: layout_lib.TreeLayout,
+    first: bool,
+  ) -> tuple[Any, Any, jax.Array]:
     directions, new_buckets, failures = [], [], jnp.zeros((), jnp.int32)
     for bucket, grad, state in zip(tree.buckets, grads, buckets, strict=True):
       if first:

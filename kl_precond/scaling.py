@@ -87,11 +87,16 @@ class Adam:
 
 def _adam_correction(b1: Any, b2: Any, step: jax.Array, dtype: Any) -> jax.Array:
   step = step.astype(dtype)
-  return (jnp.sqrt(1 - jnp.asarray(b2, dtype) ** step) / (1 - jnp.asarray(b1, dtype) ** step))
+  return jnp.sqrt(1 - jnp.asarray(b2, dtype) ** step) / (1 - jnp.asarray(b1, dtype) ** step)
 
 
 def adam(
-  b1: Any = 0.95, b2: Any = 0.95, eps: Any = 1e-8, *, bias_correction: bool = True, dtype: Any = None
+  b1: Any = 0.95,
+  b2: Any = 0.95,
+  eps: Any = 1e-8,
+  *,
+  bias_correction: bool = True,
+  dtype: Any = None,
 ) -> Adam:
   """Adam moments kept in the eigenbasis (SOAP, KL-SOAP).
 
@@ -146,7 +151,7 @@ class KroneckerEigenvalues:
     return self.exponents
 
   def _powers(self, eigenvalues: Sequence[Any], shape: Sequence[int]) -> jax.Array:
-    powers = []
+    powers: list[jax.Array | None] = []
     for axis, values in enumerate(eigenvalues):
       if values is None:
         powers.append(None)

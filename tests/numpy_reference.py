@@ -1,0 +1,160 @@
+"""Independent float64 NumPy references of SOAP, KL-SOAP and KL-Shampoo, written from SPEC.md.
+
+Plain per-tensor loops with explicit unfoldings (``np.moveaxis(...).reshape``) and ``np.linalg``;
+no code is shared with the package. Each function maps a list of gradients to the list of
+update directions (before learning rate and weight decay); the first call returns zeros.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def unfold(x: np.ndarray, axis: int) -> np.ndarray:
+  return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+
+
+def fold(matrix: np.ndarray, axis: int, shape: tuple[int, ...]) -> np.ndarray:
+  moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
+  return np.moveaxis(matrix.reshape(moved), 0, axis)
+
+
+def mode_apply(x: np.ndarray, matrix: np.ndarray, axis: int) -> np.ndarray:
+  """Multiplies the mode-``axis`` unfolding from the left: ``fold(matrix @ X_(axis))``."""
+  return fold(matrix @ unfold(x, axis), axis, x.shape)
+
+
+def rotate(x: np.ndarray, bases: list, transpose: bool) -> np.ndarray:
+  for axis, q in enumerate(bases):
+    if q is not None:
+      x = mode_apply(x, q.T if transpose else q, axis)
+  return x
+
+
+def eigh_desc(matrix: np.ndarray) -> np.ndarray:
+  _, vectors = np.linalg.eigh(matrix)
+  return vectors[:, ::-1]
+
+
+def soap_reference(grads, *, b1, b2, eps, beta, every, sort, bias_correction=True, factored=None):
+  """SOAP (SPEC.md "SOAP"); ``factored[i]`` says which axes get a factor."""
+  shape = grads[0].shape
+  factored = factored if factored is not None else [True] * len(shape)
+  factors = [np.zeros((d, d)) if f else None for d, f in zip(shape, factored, strict=True)]
+  mu, nu, bases, out, step = np.zeros(shape), np.zeros(shape), None, [], 0
+  for g in grads:
+    if bases is None:
+      factors = [
+        None if f is None else (1 - beta) * unfold(g, i) @ unfold(g, i).T
+        for i, f in enumerate(factors)
+      ]
+      bases = [None if f is None else eigh_desc(f) for f in factors]
+      out.append(np.zeros(shape))
+      continue
+    step += 1
+    gp = rotate(g, bases, transpose=True)
+    mu = b1 * mu + (1 - b1) * gp
+    nu = b2 * nu + (1 - b2) * gp**2
+    u = rotate(mu / (np.sqrt(nu) + eps), bases, transpose=False)
+    if bias_correction:
+      u = u * np.sqrt(1 - b2**step) / (1 - b1**step)
+    out.append(u)
+    factors = [
+      None if f is None else beta * f + (1 - beta) * unfold(g, i) @ unfold(g, i).T
+      for i, f in enumerate(factors)
+    ]
+    if step % every == 0:
+      mu_param = rotate(mu, bases, transpose=False)
+      new_bases = []
+      for i, (f, q) in enumerate(zip(factors, bases, strict=True)):
+        if f is None:
+          new_bases.append(None)
+          continue
+        if sort:
+          order = np.argsort(-np.diag(q.T @ f @ q), kind="stable")
+          q = q[:, order]
+          nu = np.take(nu, order, axis=i)
+        new_bases.append(np.linalg.qr(f @ q)[0])
+      bases = new_bases
+      mu = rotate(mu_param, bases, transpose=True)
+  return out
+
+
+def _clamp_root(ell: np.ndarray, dim: int, cap) -> np.ndarray:
+  with np.errstate(divide="ignore"):
+    root = np.where(ell > 0, 1 / np.sqrt(np.where(ell > 0, ell, 1)), 0.0)
+  if cap is not None:
+    root = np.minimum(root, max(10.0, min(float(dim), cap)))
+  return root
+
+
+def kl_reference(grads, *, b1, b2, eps, beta, every, klsoap, init_factor=0.1, cap=4000.0):
+  """KL-Shampoo / KL-SOAP for 2-D and 3-D tensors (SPEC.md, kl_methods_spec.md §2.4)."""
+  shape = grads[0].shape
+  order, numel = len(shape), int(np.prod(shape))
+  factors = [np.zeros((d, d)) for d in shape]
+  roots = [np.full(d, init_factor**-0.5) for d in shape]
+  mu, nu, bases, out, step = np.zeros(shape), np.zeros(shape), None, [], 0
+
+  def whitened_gram(g, axis, use_roots):
+    y = g
+    for j in range(order):
+      if j != axis:
+        y = mode_apply(y, (bases[j] * use_roots[j][None, :]).T, j)
+    return unfold(y, axis) @ unfold(y, axis).T
+
+  def target(gp, axis, use_roots):
+    scaled = gp.copy()
+    for j in range(order):
+      if j != axis:
+        view = [1] * order
+        view[j] = shape[j]
+        scaled = scaled * use_roots[j].reshape(view)
+    return np.mean(unfold(scaled, axis) ** 2, axis=1)
+
+  def ema_root(axis, tgt):
+    ell = np.where(roots[axis] != 0, 1 / np.where(roots[axis] != 0, roots[axis], 1) ** 2, 0.0)
+    ell = beta * ell + (1 - beta) * tgt
+    return _clamp_root(ell, shape[axis], cap)
+
+  for g in grads:
+    if bases is None:
+      factors = [
+        (1 - beta) * shape[i] / numel * unfold(g, i) @ unfold(g, i).T for i in range(order)
+      ]
+      bases = [eigh_desc(f) for f in factors]
+      out.append(np.zeros(shape))
+      continue
+    step += 1
+    if klsoap:
+      gp = rotate(g, bases, transpose=True)
+      mu = b1 * mu + (1 - b1) * gp
+      nu = b2 * nu + (1 - b2) * gp**2
+      out.append(rotate(mu / (np.sqrt(nu) + eps), bases, transpose=False))
+    else:
+      mu = b1 * mu + (1 - b1) * g
+      p = roots[0][:, None] * roots[1][None, :]
+      if order == 3:
+        p = p[:, :, None] * roots[2][None, None, :]
+      out.append(rotate(rotate(mu, bases, True) * p / (1 + eps * p), bases, transpose=False))
+    gp = rotate(g, bases, transpose=True)
+    coef = [(1 - beta) * shape[i] / numel for i in range(order)]
+    old = [r.copy() for r in roots]
+    if order == 2:
+      for i in range(2):
+        factors[i] = beta * factors[i] + coef[i] * whitened_gram(g, i, old)
+      roots = [ema_root(i, target(gp, i, old)) for i in range(2)]
+    else:
+      factors[2] = beta * factors[2] + coef[2] * whitened_gram(g, 2, old)
+      factors[1] = beta * factors[1] + coef[1] * whitened_gram(g, 1, old)
+      roots[2] = ema_root(2, target(gp, 2, old))
+      roots[1] = ema_root(1, target(gp, 1, [old[0], old[1], roots[2]]))
+      mixed = [old[0], roots[1], old[2]]
+      factors[0] = beta * factors[0] + coef[0] * whitened_gram(g, 0, mixed)
+      roots[0] = ema_root(0, target(gp, 0, mixed))
+    if step % every == 0:
+      mu_param = rotate(mu, bases, transpose=False) if klsoap else None
+      bases = [np.linalg.qr(f @ q)[0] for f, q in zip(factors, bases, strict=True)]
+      if klsoap:
+        mu = rotate(mu_param, bases, transpose=True)
+  return out

@@ -1,0 +1,294 @@
+"""Invariances of the chassis and the optax/Flax integration, for every method."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import kl_precond as kp
+from kl_precond import layout as layout_lib
+
+SCALE_BY = {
+  "soap": kp.scale_by_soap,
+  "kl_soap": kp.scale_by_kl_soap,
+  "kl_shampoo": kp.scale_by_kl_shampoo,
+}
+OPTIMIZERS = {"soap": kp.soap, "kl_soap": kp.kl_soap, "kl_shampoo": kp.kl_shampoo}
+
+
+def _grads(params, steps, seed=0):
+  keys = jax.random.split(jax.random.key(seed), steps)
+  out = []
+  for key in keys:
+    leaves, treedef = jax.tree.flatten(params)
+    subkeys = jax.random.split(key, len(leaves))
+    out.append(
+      treedef.unflatten(
+        [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(subkeys, leaves, strict=True)]
+      )
+    )
+  return out
+
+
+def _run(tx, params, grads):
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  out = []
+  for g in grads:
+    u, state = update(g, state, params)
+    out.append(u)
+  return out, state
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+@pytest.mark.parametrize("name", sorted(SCALE_BY))
+def test_stacked_tree_equals_per_tensor_runs(name, x64):
+  del x64
+  params = {
+    "a": jnp.zeros((6, 6)),
+    "b": jnp.zeros((6, 6)),
+    "c": jnp.zeros((3, 4, 5)),
+    "d": jnp.zeros((7,)),
+    "e": jnp.zeros((20, 6)),
+  }
+  grads = _grads(params, 8)
+  tx = SCALE_BY[name](precondition_frequency=3, max_precond_dim=10)
+  joint, _ = _run(tx, params, grads)
+  for key in params:
+    alone, _ = _run(tx, {key: params[key]}, [{key: g[key]} for g in grads])
+    for t in range(len(grads)):
+      np.testing.assert_allclose(joint[t][key], alone[t][key], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", sorted(SCALE_BY))
+def test_nested_pytree_equals_single_array(name):
+  w = jnp.zeros((5, 4))
+  grads = _grads(w, 6, seed=1)
+  tx = SCALE_BY[name](precondition_frequency=2)
+  single, _ = _run(tx, w, grads)
+  nested, _ = _run(tx, {"x": {"y": [w]}}, [{"x": {"y": [g]}} for g in grads])
+  for a, b in zip(single, nested, strict=True):
+    np.testing.assert_array_equal(a, b["x"]["y"][0])
+
+
+def _hand_built(scaling, estimator, basis, fallback=None, lr=1e-2, wd=0.01):
+  return optax.chain(
+    kp.scale_by_preconditioner(estimator, basis, scaling, fallback=fallback),
+    optax.add_decayed_weights(wd),
+    optax.scale_by_learning_rate(lr),
+  )
+
+
+def _assert_same_trajectory(tx_a, tx_b, params, steps=7):
+  grads = _grads(params, steps, seed=2)
+  a, _ = _run(tx_a, params, grads)
+  b, _ = _run(tx_b, params, grads)
+  for x, y in zip(a, b, strict=True):
+    jax.tree.map(np.testing.assert_array_equal, x, y)
+
+
+PARAMS = {"w": jnp.ones((6, 4)), "b": jnp.ones((4,)), "t": jnp.ones((2, 3, 4))}
+
+
+def test_soap_equals_its_hand_built_chain():
+  tx = kp.soap(1e-2, 0.9, 0.95, 1e-8, 0.01, precondition_frequency=3)
+  hand = _hand_built(kp.adam(0.9, 0.95, 1e-8), kp.frobenius(0.95), kp.qr_every(3, sort=True))
+  _assert_same_trajectory(tx, hand, PARAMS)
+
+
+def test_kl_soap_equals_its_hand_built_chain():
+  tx = kp.kl_soap(1e-2, 0.9, 0.95, 1e-8, 0.01, precondition_frequency=3)
+  hand = _hand_built(
+    kp.adam(0.9, 0.95, 1e-8, bias_correction=False), kp.kl(0.95), kp.qr_every(3, sort=False)
+  )
+  _assert_same_trajectory(tx, hand, PARAMS)
+
+
+def test_kl_shampoo_differs_from_kl_soap_only_in_scaling():
+  tx = kp.kl_shampoo(1e-2, 0.9, 0.95, 1e-8, 0.01, precondition_frequency=3)
+  hand = _hand_built(
+    kp.kronecker_eigenvalues(0.9, 1e-8, exponents=0.5, eps_placement="outside"),
+    kp.kl(0.95),
+    kp.qr_every(3, sort=False),
+    fallback=kp.adam(0.9, 0.95, 1e-8),
+  )
+  _assert_same_trajectory(tx, hand, PARAMS)
+  soap_like = _hand_built(
+    kp.adam(0.9, 0.95, 1e-8, bias_correction=False), kp.kl(0.95), kp.qr_every(3, sort=False)
+  )
+  grads = _grads(PARAMS, 3, seed=2)
+  a, _ = _run(tx, PARAMS, grads)
+  b, _ = _run(soap_like, PARAMS, grads)
+  assert not np.allclose(a[-1]["w"], b[-1]["w"])  # the scaling stage matters
+
+
+@pytest.mark.parametrize("name", sorted(SCALE_BY))
+def test_factors_do_not_depend_on_frequency_and_bases_change_only_on_refresh(name):
+  params = {"w": jnp.zeros((5, 5))}
+  grads = _grads(params, 9, seed=3)
+  states = {}
+  for every in (1, 4):
+    tx = SCALE_BY[name](precondition_frequency=every)
+    state = tx.init(params)
+    history = []
+    for g in grads:
+      _, state = tx.update(g, state)
+      history.append(state)
+    states[every] = history
+  if name == "soap":  # Frobenius factors ignore the bases entirely
+    for s1, s4 in zip(states[1], states[4], strict=True):
+      jax.tree.map(
+        np.testing.assert_array_equal,
+        s1.buckets[0].estimator.factors,
+        s4.buckets[0].estimator.factors,
+      )
+  bases = [np.asarray(s.buckets[0].basis.bases[0][0]) for s in states[4]]
+  for call in range(1, len(grads)):  # call c (0-based) runs step t = c; refresh when t % 4 == 0
+    changed = not np.array_equal(bases[call], bases[call - 1])
+    assert changed == (call % 4 == 0), call
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_jit_does_not_recompile(name):
+  traces = []
+  tx = OPTIMIZERS[name](1e-3, precondition_frequency=2)
+
+  def step(grads, state, params):
+    traces.append(1)
+    return tx.update(grads, state, params)
+
+  jitted = jax.jit(step)
+  state = tx.init(PARAMS)
+  for g in _grads(PARAMS, 5):
+    _, state = jitted(g, state, PARAMS)
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_inject_hyperparams_with_a_schedule(name):
+  schedule = optax.linear_schedule(1e-2, 1e-3, 5)
+  tx = optax.inject_hyperparams(OPTIMIZERS[name], static_args=kp.STATIC_HYPERPARAMS)(
+    learning_rate=schedule, b1=0.9, eps=1e-8
+  )
+  state = tx.init(PARAMS)
+  update = jax.jit(tx.update)
+  for g in _grads(PARAMS, 4):
+    u, state = update(g, state, PARAMS)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+  # the hyperparameters in the state are those used by the last (4th, count 3) call
+  np.testing.assert_allclose(state.hyperparams["learning_rate"], schedule(3), rtol=1e-6)
+  # The injected value is used: changing b1 changes the update.
+  state2 = state._replace(hyperparams={**state.hyperparams, "b1": jnp.asarray(0.1)})
+  g = _grads(PARAMS, 1, seed=9)[0]
+  u1, _ = update(g, state, PARAMS)
+  u2, _ = update(g, state2, PARAMS)
+  assert not np.allclose(u1["w"], u2["w"])
+
+
+class _MLP(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(8, 16, rngs=rngs)
+    self.out = nnx.Linear(16, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jax.nn.tanh(self.hidden(x)))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_flax_nnx_model_trains(name):
+  model = _MLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, OPTIMIZERS[name](3e-2, precondition_frequency=5), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(1), (64, 8))
+  y = jnp.sin(x[:, :1]) + 0.5 * x[:, 1:2]
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss_fn(model):
+      return jnp.mean((model(x) - y) ** 2)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(60)]
+  assert np.isfinite(losses).all()
+  assert losses[-1] < 0.3 * losses[0], losses[::10]
+
+
+MIXED = {
+  "scalar": jnp.asarray(0.5),
+  "bias": jnp.ones((16,)),
+  "dense": jnp.ones((16, 8)),
+  "three": jnp.ones((4, 6, 5)),
+  "conv": jnp.ones((3, 3, 8, 16)),
+  "row": jnp.ones((1, 12)),
+  "tall": jnp.ones((5000, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("blocking", [False, True])
+def test_mixed_pytree_gives_finite_updates(name, blocking):
+  layout = kp.LayoutConfig(max_precond_dim=128, blocking=blocking)
+  tx = OPTIMIZERS[name](1e-3, precondition_frequency=2, layout=layout)
+  updates, state = _run(tx, MIXED, _grads(MIXED, 4))
+  for u in updates:
+    for key, value in u.items():
+      assert value.shape == MIXED[key].shape and value.dtype == MIXED[key].dtype, key
+      assert bool(jnp.all(jnp.isfinite(value))), key
+  assert any(float(jnp.abs(v).max()) > 0 for v in updates[-1].values())
+
+
+def test_blocked_tensor_equals_its_blocks_run_separately(x64):
+  del x64
+  layout = kp.LayoutConfig(max_precond_dim=4, blocking=True)
+  tx = kp.scale_by_kl_soap(precondition_frequency=2, layout=layout)
+  whole = {"w": jnp.zeros((10, 4))}
+  grads = _grads(whole, 6, seed=4)
+  joint, _ = _run(tx, whole, grads)
+  for start, stop in ((0, 4), (4, 8), (8, 10)):
+    part, _ = _run(tx, {"w": whole["w"][start:stop]}, [{"w": g["w"][start:stop]} for g in grads])
+    for t in range(len(grads)):
+      np.testing.assert_allclose(joint[t]["w"][start:stop], part[t]["w"], rtol=1e-12, atol=1e-15)
+
+
+def test_layout_rules():
+  assert layout_lib.merge_dims((4, 6, 5), 64) == (24, 5)
+  assert layout_lib.merge_dims((300, 5), 256) == (300, 5)
+  assert layout_lib.merge_dims((2, 3, 4), 100) == (24,)
+  cfg = kp.LayoutConfig(max_precond_dim=256, blocking=True)
+  lay = layout_lib.tensor_layout((300, 5), cfg)
+  assert [b.shape for b in lay.blocks] == [(256, 5), (44, 5)]
+  assert layout_lib.tensor_layout((1, 12), kp.LayoutConfig()).blocks[0].preconditioned == (False,)
+  assert layout_lib.tensor_layout((1, 12), kp.LayoutConfig(squeeze=False)).blocks[
+    0
+  ].preconditioned == (True, True)
+  assert layout_lib.tensor_layout((12,), kp.LayoutConfig(precondition_1d=True)).blocks[
+    0
+  ].preconditioned == (True,)
+  last = layout_lib.tensor_layout((2, 3, 3, 5), kp.LayoutConfig(channels_last=True))
+  assert last.work_shape == (2, 5, 3, 3)
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (2, 3, 4, 5), (1, 9), ()])
+@pytest.mark.parametrize(
+  "cfg",
+  [
+    kp.LayoutConfig(max_precond_dim=3, blocking=True),
+    kp.LayoutConfig(merge_small_dims=True, max_precond_dim=12),
+    kp.LayoutConfig(channels_last=True),
+  ],
+)
+def test_blocks_round_trip(shape, cfg):
+  x = jnp.arange(int(np.prod(shape)), dtype=jnp.float32).reshape(shape)
+  lay = layout_lib.tensor_layout(shape, cfg)
+  np.testing.assert_array_equal(layout_lib.from_blocks(layout_lib.to_blocks(x, lay), lay), x)
