@@ -1,6 +1,6 @@
 """kl_precond: structured second-order optimizers for JAX/Optax.
 
-Shampoo, SOAP, KL-Shampoo and KL-SOAP as ``optax.GradientTransformation``s, each a short chain
+Shampoo (with grafting), AdamW-style Shampoo, SOAP, KL-Shampoo and KL-SOAP as ``optax.GradientTransformation``s, each a short chain
 of public stages: ``layout`` → ``estimator`` (:func:`frobenius`, :func:`kl`) → ``basis``
 (:func:`qr_every`, :func:`eigh_every`) → ``scaling`` (:func:`adam`,
 :func:`kronecker_eigenvalues`), composed by :func:`scale_by_preconditioner`.
@@ -16,9 +16,11 @@ from kl_precond.alias import (
 )
 from kl_precond.basis import BasisState, eigh_every, qr_every
 from kl_precond.estimators import FrobeniusState, KLState, frobenius, kl
+from kl_precond.grafting import GraftState, MagnitudeState, graft, graft_magnitude
 from kl_precond.layout import LayoutConfig
 from kl_precond.preconditioner import BucketState, PreconditionerState, scale_by_preconditioner
 from kl_precond.scaling import AdamState, MomentumState, adam, kronecker_eigenvalues
+from kl_precond.shampoo_family import adamw_shampoo, scale_by_shampoo, shampoo
 
 __version__ = "0.1.0"
 
@@ -32,13 +34,18 @@ __all__ = [
   "BasisState",
   "BucketState",
   "FrobeniusState",
+  "GraftState",
   "KLState",
   "LayoutConfig",
+  "MagnitudeState",
   "MomentumState",
   "PreconditionerState",
   "adam",
+  "adamw_shampoo",
   "eigh_every",
   "frobenius",
+  "graft",
+  "graft_magnitude",
   "kl",
   "kl_shampoo",
   "kl_soap",
@@ -47,6 +54,8 @@ __all__ = [
   "scale_by_kl_shampoo",
   "scale_by_kl_soap",
   "scale_by_preconditioner",
+  "scale_by_shampoo",
   "scale_by_soap",
+  "shampoo",
   "soap",
 ]

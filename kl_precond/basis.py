@@ -64,12 +64,15 @@ class Refresh:
   keep_eigenvalues: bool = False
   eigenvalue_floor: Any = None
   dtype: Any = None
+  start: int = 0
+  ridge: Any = 0.0
+  relative_ridge: bool = False
 
   def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any) -> BasisState:
     dtype = self.dtype or dtype
     bases = tuple(jnp.eye(d, dtype=dtype) if m else None for d, m in zip(shape, mask, strict=True))
     values = tuple(
-      jnp.zeros((d,), dtype) if m and self.keep_eigenvalues else None
+      jnp.ones((d,), dtype) if m and self.keep_eigenvalues else None
       for d, m in zip(shape, mask, strict=True)
     )
     return BasisState(bases, values)
@@ -82,7 +85,11 @@ class Refresh:
         bases.append(None)
         values.append(None)
         continue
-      eigenvalues, basis = _eigh_descending(factor)
+      if self.relative_ridge:
+        eigenvalues, basis = _eigh_descending(factor)
+        eigenvalues = eigenvalues + self.ridge * jnp.max(eigenvalues)
+      else:
+        eigenvalues, basis = _eigh_descending(factor + self.ridge * jnp.eye(factor.shape[0]))
       bases.append(basis.astype(old_basis.dtype))
       values.append(None if old_values is None else self._floor(eigenvalues, old_values.dtype))
     return BasisState(tuple(bases), tuple(values))
@@ -139,7 +146,7 @@ class Refresh:
     return kept, jnp.logical_not(ok)
 
 
-def qr_every(every: int, *, sort: bool = True, dtype: Any = None) -> Refresh:
+def qr_every(every: int, *, sort: bool = True, start: int = 0, dtype: Any = None) -> Refresh:
   """Refresh by one power-iteration step and QR every ``every`` steps (SOAP, KL methods).
 
   .. math:: Q \\leftarrow \\mathrm{qr}(F Q_{:,\\pi}).Q,
@@ -149,22 +156,45 @@ def qr_every(every: int, *, sort: bool = True, dtype: Any = None) -> Refresh:
     every: refresh period ``T >= 1`` (static).
     sort: sort the columns before the power step and return the permutation (upstream SOAP);
       ``False`` is the KL-Methods behaviour.
+    start: also refresh at step ``start``, and only after it (0: from the first step).
     dtype: storage dtype of the bases (default: the parameter's dtype).
 
   Returns:
     The basis stage.
   """
   check_frequency("precondition_frequency", every)
-  return Refresh(every, "qr", sort, dtype=dtype)
+  _check_start(start)
+  return Refresh(every, "qr", sort, dtype=dtype, start=start)
+
+
+def _check_start(start: int) -> None:
+  if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+    raise ValueError(f"start_preconditioning_step must be an integer >= 0, got {start!r}.")
 
 
 def eigh_every(
-  every: int, *, keep_eigenvalues: bool = True, eigenvalue_floor: Any = None, dtype: Any = None
+  every: int,
+  *,
+  start: int = 0,
+  ridge: Any = 0.0,
+  relative_ridge: bool = False,
+  eigenvalue_floor: Any = None,
+  keep_eigenvalues: bool = True,
+  dtype: Any = None,
 ) -> Refresh:
   """Refresh by a full eigendecomposition every ``every`` steps (Shampoo).
 
+  .. math:: Q\\,\\mathrm{diag}(\\lambda)\\,Q^\top = F + \rho I, \\qquad
+     \\lambda \\leftarrow \\lambda - \\lambda_{\\min} + \\epsilon_f \\ \text{if}\\ \\lambda_{\\min} < \\epsilon_f
+
   Args:
     every: refresh period ``T >= 1`` (static).
+    start: also refresh at step ``start``, and only after it (Distributed Shampoo's
+      ``start_preconditioning_step``; 0: from the first step).
+    ridge: ``ρ``, added to the factor's diagonal before the decomposition (``ε`` inside the
+      root, Distributed Shampoo).
+    relative_ridge: add ``ρ · λ_max(F)`` instead of ``ρ`` (google-research/precondition's
+      ``relative_matrix_epsilon``).
     keep_eigenvalues: store the eigenvalues, for scalings that use them (Shampoo's roots).
     eigenvalue_floor: if the smallest eigenvalue is below this, shift all of them so that it
       equals the floor (Distributed Shampoo's ``λ - λ_min + ε``); ``None`` for no shift.
@@ -174,6 +204,10 @@ def eigh_every(
     The basis stage.
   """
   check_frequency("precondition_frequency", every)
+  _check_start(start)
+  check_nonnegative("ridge", ridge)
   if eigenvalue_floor is not None:
     check_nonnegative("eigenvalue_floor", eigenvalue_floor)
-  return Refresh(every, "eigh", False, keep_eigenvalues, eigenvalue_floor, dtype)
+  return Refresh(
+    every, "eigh", False, keep_eigenvalues, eigenvalue_floor, dtype, start, ridge, relative_ridge
+  )

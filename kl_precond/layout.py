@@ -41,6 +41,8 @@ class LayoutConfig:
     blocking: split axes above ``max_precond_dim`` into blocks instead of leaving them unrotated.
     squeeze: drop axes of size one before anything else.
     channels_last: permute 4-D tensors ``(a, b, c, d) -> (a, d, b, c)`` before merging.
+    unfactored_axes: ``((order, (axis, ...)), ...)``: in blocks of that order these axes get
+      no factor (one-sided Shampoo: ``((2, (1,)),)`` keeps only the left factor of matrices).
   """
 
   max_precond_dim: int = 10000
@@ -49,6 +51,7 @@ class LayoutConfig:
   blocking: bool = False
   squeeze: bool = True
   channels_last: bool = False
+  unfactored_axes: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
   def __post_init__(self) -> None:
     if not isinstance(self.max_precond_dim, int) or self.max_precond_dim < 1:
@@ -121,10 +124,14 @@ def tensor_layout(shape: Sequence[int], config: LayoutConfig) -> TensorLayout:
   if config.merge_small_dims and order >= 2:
     work = merge_dims(work, config.max_precond_dim)
   diagonal = order <= 1 and not config.precondition_1d
+  skipped = dict(config.unfactored_axes).get(len(work), ())
   blocks = []
   for chunks in itertools.product(*[_axis_chunks(d, config) for d in work]):
     block_shape = tuple(stop - start for start, stop in chunks)
-    mask = tuple(not diagonal and d <= config.max_precond_dim for d in block_shape)
+    mask = tuple(
+      not diagonal and d <= config.max_precond_dim and axis not in skipped
+      for axis, d in enumerate(block_shape)
+    )
     blocks.append(Block(tuple(start for start, _ in chunks), block_shape, mask))
   return TensorLayout(shape, permutation, work, tuple(blocks))
 

@@ -12,7 +12,9 @@ Command line::
 
   python -m kl_precond.parity FILE.npz [FILE.npz ...] [--json] [--inject {none,q0,all}]
 
-It exits non-zero when a well-posed tensor misses its tolerance. A tensor is well-posed when
+It exits with 1 when a well-posed tensor misses its tolerance, and with 3 when a file's
+configuration has no kl_precond equivalent (say, Distributed Shampoo's eigenvalue-corrected or
+KL preconditioners); the table says which. A tensor is well-posed when
 every Kronecker factor is full rank when its first basis is computed (for the methods whose
 first call only initialises: the first gradient's mode unfoldings have full row rank); other
 tensors depend on the arbitrary eigenbasis of a null space and are reported, not judged.
@@ -20,6 +22,7 @@ tensors depend on the arbitrary eigenbasis of a null space and are reported, not
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import pathlib
@@ -32,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kl_precond import alias
+from kl_precond import alias, shampoo_family
 from kl_precond import layout as layout_lib
 
 TOLERANCE_X64 = 1e-10
+TOLERANCE_META_X64 = 1e-8
 TOLERANCE_F32 = 1e-4
 
 
@@ -48,9 +52,14 @@ class Recipe:
     learning_rate: the reference's learning rate.
     weight_decay: the reference's weight decay.
     decay_order: ``"after"``: ``W ← W - ηU; W ← W - ηλW`` (SOAP, KLOpt); ``"before"``:
-      ``W ← (1-ηλ)W; W ← W - ηU`` (AdamWBF16).
+      ``W ← (1-ηλ)W; W ← W - ηU`` (AdamWBF16); ``"decoupled"``: ``W ← W - η(U + λW)``;
+      ``"l2"``: ``G ← G + λW`` before the transform, then ``W ← W - ηU`` (Distributed Shampoo).
     skips_first_call: the reference's first call neither updates nor decays.
     layout: the layout our transform uses (for well-posedness and basis injection).
+    tolerance_x64: the float64 tolerance (Distributed Shampoo: 1e-8, its roots need eigh of
+      ridge-regularised factors).
+    first_basis_call: the call (1-based) whose factors give the first basis; well-posedness
+      is judged on the factors accumulated up to it.
   """
 
   transform: optax.GradientTransformation
@@ -59,6 +68,8 @@ class Recipe:
   decay_order: str
   skips_first_call: bool
   layout: layout_lib.LayoutConfig | None
+  tolerance_x64: float = TOLERANCE_X64
+  first_basis_call: int = 1
 
 
 _SOAP_KWARGS = {
@@ -189,6 +200,121 @@ def _adamw_recipe(kwargs: dict[str, Any]) -> Recipe:
   )
 
 
+_META_KWARGS = {
+  "lr",
+  "betas",
+  "epsilon",
+  "weight_decay",
+  "weight_decay_type",
+  "max_preconditioner_dim",
+  "precondition_frequency",
+  "start_preconditioning_step",
+  "use_bias_correction",
+  "preconditioner_config",
+  "grafting_config",
+  "distributed_config",
+  "beta3",
+  "iterate_averaging_config",
+  "shampoo_pt2_compile_config",
+}
+
+
+class Unsupported(ValueError):
+  """A reference configuration that kl_precond has no equivalent for (not a parity failure)."""
+
+
+def _parse_call(text: str | None) -> tuple[str | None, dict[str, Any]]:
+  """``"Name(a=1, b={2: {0: 0.5}})  # comment"`` -> ``("Name", {"a": 1, "b": {...}})``.
+
+  Values that are not Python literals (``torch.float64``, ``math.inf``) are kept as source text.
+  """
+  if text is None or text.strip() in ("None", ""):
+    return None, {}
+  source = text.split("  #")[0].strip()
+  node = ast.parse(source, mode="eval").body
+  if not isinstance(node, ast.Call):
+    raise ValueError(f"cannot parse a configuration from {text!r}")
+  kwargs: dict[str, Any] = {}
+  for keyword in node.keywords:
+    segment = ast.get_source_segment(source, keyword.value) or ""
+    try:
+      kwargs[str(keyword.arg)] = ast.literal_eval(segment)
+    except ValueError:
+      kwargs[str(keyword.arg)] = segment
+  return ast.unparse(node.func), kwargs
+
+
+def _meta_grafting(text: str | None) -> tuple[str | None, float, float]:
+  name, kwargs = _parse_call(text)
+  kinds = {
+    None: None,
+    "AdamPreconditionerConfig": "adam",
+    "RMSpropPreconditionerConfig": "rmsprop",
+    "AdaGradPreconditionerConfig": "adagrad",
+    "SGDPreconditionerConfig": "sgd",
+  }
+  if name not in kinds:
+    raise Unsupported(f"grafting_config {name} has no kl_precond equivalent")
+  return kinds[name], kwargs.get("beta2", 1.0), kwargs.get("epsilon", 1e-10)
+
+
+def _meta_recipe(kwargs: dict[str, Any]) -> Recipe:
+  _check_kwargs("DistributedShampoo", kwargs, _META_KWARGS)
+  b1, b2 = kwargs.get("betas", (0.9, 1.0))
+  if kwargs.get("beta3", -1.0) not in (-1.0, b1):
+    raise Unsupported("beta3 != beta1 (a separate filtered-gradient EMA) has no equivalent")
+  if kwargs.get("iterate_averaging_config") is not None:
+    raise Unsupported("iterate averaging has no kl_precond equivalent")
+  if not kwargs.get("use_bias_correction", True):
+    raise Unsupported("use_bias_correction=False has no kl_precond equivalent")
+  config, options = _parse_call(kwargs.get("preconditioner_config"))
+  if config != "RootInvShampooPreconditionerConfig" or options.get("use_trace_scaling"):
+    raise Unsupported(
+      f"preconditioner_config {config} has no kl_precond equivalent (only root-inverse "
+      "Shampoo; see the README's method table)"
+    )
+  kind, graft_b2, graft_eps = _meta_grafting(kwargs.get("grafting_config"))
+  merged = "target_parameter_dimensionality=math.inf" not in str(kwargs.get("distributed_config"))
+  cap = int(kwargs.get("max_preconditioner_dim", 1024))
+  frequency = int(kwargs.get("precondition_frequency", 1))
+  start = int(kwargs.get("start_preconditioning_step", -1))
+  start = frequency if start < 0 else start
+  exponents = options.get("inverse_exponent_override") or None
+  layout = layout_lib.LayoutConfig(
+    cap, merge_small_dims=merged, precondition_1d=True, blocking=True
+  )
+  transform = shampoo_family.scale_by_shampoo(
+    b1,
+    b2,
+    kwargs.get("epsilon", 1e-12),
+    exponents=exponents,
+    precondition_frequency=frequency,
+    start_preconditioning_step=start,
+    grafting_type=kind,
+    graft_b2=graft_b2,
+    graft_eps=graft_eps,
+    layout=layout,
+  )
+  decay = "l2" if "L2" in str(kwargs.get("weight_decay_type", "DECOUPLED")) else "decoupled"
+  # The reference keeps lr in a float32 tensor.
+  learning_rate = float(np.float32(kwargs.get("lr", 1e-2)))
+  return Recipe(
+    transform,
+    learning_rate,
+    kwargs.get("weight_decay", 0.0),
+    decay,
+    False,
+    transform_layout(layout, exponents),
+    TOLERANCE_META_X64,
+    start,
+  )
+
+
+def transform_layout(layout: layout_lib.LayoutConfig, exponents: Any) -> layout_lib.LayoutConfig:
+  """The layout that :func:`kl_precond.scale_by_shampoo` derives (zero exponents drop axes)."""
+  return dataclasses.replace(layout, unfactored_axes=shampoo_family._unfactored_axes(exponents))
+
+
 def recipe(sidecar: dict[str, Any]) -> Recipe:
   """Maps a golden sidecar (reference class and constructor kwargs) to a replay recipe."""
   reference = sidecar["reference"]
@@ -200,6 +326,8 @@ def recipe(sidecar: dict[str, Any]) -> Recipe:
     return _klopt_recipe(kwargs)
   if name == "AdamWBF16":
     return _adamw_recipe(kwargs)
+  if name.endswith("DistributedShampoo"):
+    return _meta_recipe(kwargs)
   raise ValueError(f"No kl_precond mapping for reference class {name!r} ({reference}).")
 
 
@@ -260,7 +388,10 @@ def _replay(path: str | pathlib.Path, x64: bool, inject: str) -> dict[str, np.nd
   inject_fn = _injector(arrays, names, rule, params, inject, x64)
   trajectory = {n: [np.asarray(params[n])] for n in names}
   for call in range(grads[names[0]].shape[0]):
-    direction, state = update({n: grads[n][call] for n in names}, state, params)
+    grad = {n: grads[n][call] for n in names}
+    if rule.decay_order == "l2":
+      grad = {n: grad[n] + decay * params[n] for n in names}
+    direction, state = update(grad, state, params)
     state = inject_fn(state, call)
     if not (rule.skips_first_call and call == 0):
       params = _apply(params, direction, learning_rate, decay, rule.decay_order)
@@ -273,6 +404,10 @@ def _apply(params: Any, direction: Any, lr: jax.Array, decay: jax.Array, order: 
   def one(p: jax.Array, u: jax.Array) -> jax.Array:
     if order == "before":
       return p * (1 - lr * decay) - lr * u
+    if order == "decoupled":
+      return p - lr * (u + decay * p)
+    if order == "l2":
+      return p - lr * u
     p = p - lr * u
     return p - lr * decay * p
 
@@ -301,26 +436,34 @@ def replay(
 
 
 def well_posed(path: str | pathlib.Path) -> dict[str, bool]:
-  """Per tensor: is every Kronecker factor full rank when the first basis is computed?"""
+  """Per tensor: is every Kronecker factor full rank when the first basis is computed?
+
+  The factor of axis ``i`` at call ``c`` spans the mode-``i`` unfoldings of the first ``c``
+  gradients, so it is full rank when their concatenation has rank ``d_i``.
+  """
   arrays, sidecar = _load(path)
   rule = recipe(sidecar)
-  names = [str(n) for n in arrays["param_names"]]
   result = {}
-  for name in names:
-    first = arrays[f"grads/{name}"][0]
+  for name in (str(n) for n in arrays["param_names"]):
+    stream = arrays[f"grads/{name}"][: rule.first_basis_call]
     if rule.layout is None:
       result[name] = True
       continue
-    tensor = layout_lib.tensor_layout(first.shape, rule.layout)
-    blocks = layout_lib.to_blocks(jnp.asarray(first), tensor)
+    tensor = layout_lib.tensor_layout(stream.shape[1:], rule.layout)
+    per_call = [layout_lib.to_blocks(jnp.asarray(g), tensor) for g in stream]
     ok = True
-    for block, block_value in zip(tensor.blocks, blocks, strict=True):
-      value = np.asarray(block_value)
+    for index, block in enumerate(tensor.blocks):
       for axis, factored in enumerate(block.preconditioned):
         if factored:
-          unfolding = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
-          ok &= bool(np.linalg.matrix_rank(unfolding) == value.shape[axis])
-    result[name] = bool(ok)
+          unfolding = np.concatenate(
+            [
+              np.moveaxis(np.asarray(blocks[index]), axis, 0).reshape(block.shape[axis], -1)
+              for blocks in per_call
+            ],
+            axis=1,
+          )
+          ok &= bool(np.linalg.matrix_rank(unfolding) == block.shape[axis])
+    result[name] = ok
   return result
 
 
@@ -328,6 +471,11 @@ def relative_errors(ours: np.ndarray, reference: np.ndarray) -> float:
   """Max abs error over all calls divided by the max abs total displacement."""
   displacement = np.max(np.abs(reference[-1] - reference[0]))
   return float(np.max(np.abs(ours - reference)) / max(displacement, 1e-300))
+
+
+# What a float64 replay is compared with: the reference with float64 decompositions (SOAP,
+# KLOpt), the reference under torch's float64 default dtype (Distributed Shampoo), or as is.
+_X64_REFERENCES = ("params_linalg64", "params_default64", "params")
 
 
 def _fully_injected(arrays: dict[str, np.ndarray], name: str, inject: str) -> bool:
@@ -345,19 +493,24 @@ def check(path: str | pathlib.Path, *, inject: str = "none") -> dict[str, dict[s
   A tensor is judged against the tolerances when it is well-posed, or when ``inject`` replaces
   every one of its bases with the reference's.
   """
-  arrays, _ = _load(path)
+  arrays, sidecar = _load(path)
+  rule = recipe(sidecar)
   posed = well_posed(path)
   ours64 = replay(path, x64=True, inject=inject)
   ours32 = replay(path, x64=False, inject=inject)
   records = {}
   for name, trajectory in ours64.items():
-    ref64 = arrays.get(f"params_linalg64/{name}", arrays[f"params/{name}"])
+    ref64 = next(
+      arrays[f"{prefix}/{name}"] for prefix in _X64_REFERENCES if f"{prefix}/{name}" in arrays
+    )
     err64 = relative_errors(trajectory, ref64)
     err32 = relative_errors(ours32[name], arrays[f"params/{name}"])
-    passed = err64 <= TOLERANCE_X64 and err32 <= TOLERANCE_F32
+    passed = err64 <= rule.tolerance_x64 and err32 <= TOLERANCE_F32
     records[name] = {
       "well_posed": posed[name],
-      "error_x64_vs_linalg64": err64,
+      "reference_x64": next(p for p in _X64_REFERENCES if f"{p}/{name}" in arrays),
+      "tolerance_x64": rule.tolerance_x64,
+      "error_x64": err64,
       "error_f32_vs_params": err32,
       "passed": passed,
       "judged": posed[name] or _fully_injected(arrays, name, inject),
@@ -369,7 +522,7 @@ def check(path: str | pathlib.Path, *, inject: str = "none") -> dict[str, dict[s
 def _format(path: str, records: dict[str, dict[str, Any]]) -> str:
   lines = [
     f"{path}",
-    f"  {'tensor':<10} {'posed':<6} {'x64 vs linalg64':>16} {'f32 vs params':>14}  status",
+    f"  {'tensor':<10} {'posed':<6} {'x64 vs ref64':>16} {'f32 vs params':>14}  status",
   ]
   for name, r in records.items():
     status = (
@@ -378,7 +531,7 @@ def _format(path: str, records: dict[str, dict[str, Any]]) -> str:
       else ("reported" + ("" if r["passed"] else " (ill-posed, not judged)"))
     )
     lines.append(
-      f"  {name:<10} {str(r['well_posed']):<6} {r['error_x64_vs_linalg64']:>16.3e} "
+      f"  {name:<10} {str(r['well_posed']):<6} {r['error_x64']:>16.3e} "
       f"{r['error_f32_vs_params']:>14.3e}  {status}"
     )
   return "\n".join(lines)
@@ -397,24 +550,35 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
   parser.add_argument("--inject", choices=("none", "q0", "all"), default="none")
   args = parser.parse_args(argv)
-  results, failed = {}, False
+  results: dict[str, Any] = {}
+  failed = unsupported = False
   for path in args.files:
-    records = check(path, inject=args.inject)
+    try:
+      records = check(path, inject=args.inject)
+    except Unsupported as error:
+      unsupported = True
+      results[path] = {"unsupported": str(error)}
+      if not args.json:
+        print(f"{path}\n  not replayable: {error}")
+      continue
     results[path] = records
     failed |= any(r["judged"] and not r["passed"] for r in records.values())
     if not args.json:
       print(_format(path, records))
   if args.json:
     print(json.dumps(results, indent=2))
+  verdict = "FAILED" if failed else "all judged tensors passed"
   print(
-    f"tolerances: x64 {TOLERANCE_X64:g} (vs params_linalg64), f32 {TOLERANCE_F32:g} "
-    f"(vs params); {'FAILED' if failed else 'all judged tensors passed'}",
+    f"tolerances: x64 {TOLERANCE_X64:g} (SOAP, KLOpt, AdamW vs params_linalg64) or "
+    f"{TOLERANCE_META_X64:g} (Distributed Shampoo vs params_default64), f32 "
+    f"{TOLERANCE_F32:g} (vs params); {verdict}"
+    + ("; some configurations have no kl_precond equivalent (exit 3)" if unsupported else ""),
     file=sys.stderr,
   )
-  return 1 if failed else 0
+  return 1 if failed else (3 if unsupported else 0)
 
 
-__all__ = ["check", "main", "recipe", "relative_errors", "replay", "well_posed"]
+__all__ = ["Unsupported", "check", "main", "recipe", "relative_errors", "replay", "well_posed"]
 
 
 if __name__ == "__main__":

@@ -10,10 +10,17 @@ One step, per bucket of equal-shape blocks (all ``vmap``ed over the stacked bloc
 So the gradient of a step never enters the basis that preconditions it. With
 ``statistics_first=True`` (Distributed Shampoo's order) steps 2 and 3 run before step 1.
 
-The first call, with ``skip_first_update=True`` (the authors' SOAP and KL code), only builds the
-factors and the first basis (eigendecomposition, descending columns) and returns a zero update;
-the step counter ``t`` of the scaling starts after it. With ``False`` the first call builds the
-basis from the first gradient and then preconditions that same gradient.
+The first call (``first_call``):
+
+* ``"init_only"`` (the authors' SOAP and KL code): only builds the factors and the first basis
+  (eigendecomposition, descending columns) and returns a zero update; the step counter ``t``
+  starts after it.
+* ``"precondition"``: builds the basis from the first gradient, then preconditions that gradient.
+* ``"identity"`` (Distributed Shampoo): nothing special; the bases are the identity until the
+  first refresh.
+
+Refreshes happen at steps ``t`` with ``t % every == 0 and t > start`` or ``t == start``, where
+``every`` and ``start`` belong to the basis stage (``start = 0`` by default).
 """
 
 from __future__ import annotations
@@ -116,7 +123,10 @@ def _statistics(
   def keep(state: BucketState) -> tuple[BucketState, jax.Array]:
     return state, jnp.zeros((), jnp.int32)
 
-  return jax.lax.cond(step % stages.basis.every == 0, refresh, keep, state)
+  due = (step % stages.basis.every == 0) & (step > stages.basis.start) | (
+    step == stages.basis.start
+  )
+  return jax.lax.cond(due, refresh, keep, state)
 
 
 def scale_by_preconditioner(
@@ -126,7 +136,7 @@ def scale_by_preconditioner(
   *,
   layout: layout_lib.LayoutConfig | None = None,
   fallback: Any = None,
-  skip_first_update: bool = True,
+  first_call: str = "init_only",
   statistics_first: bool = False,
   normalize_grads: bool = False,
   nonfinite: str = "skip",
@@ -144,7 +154,7 @@ def scale_by_preconditioner(
       :func:`kl_precond.kronecker_eigenvalues`.
     layout: the static block layout (:class:`kl_precond.LayoutConfig`).
     fallback: scaling for blocks with no factor at all (0-/1-D tensors); default ``scaling``.
-    skip_first_update: the first call only builds factors and basis and returns zeros.
+    first_call: ``"init_only"``, ``"precondition"`` or ``"identity"`` (module docstring).
     statistics_first: fold the gradient and refresh before computing the direction.
     normalize_grads: divide each tensor's update by its RMS (``+1e-30``).
     nonfinite: what a gradient with NaN or Inf does. ``"skip"`` (default): the call returns a
@@ -154,6 +164,7 @@ def scale_by_preconditioner(
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`PreconditionerState`.
   """
+  check_choice("first_call", first_call, ("init_only", "precondition", "identity"))
   check_choice("nonfinite", nonfinite, ("skip", "propagate"))
   stages = _Stages(estimator, basis, scaling, fallback)
   config = layout or layout_lib.LayoutConfig()
@@ -171,15 +182,18 @@ def scale_by_preconditioner(
     tree: layout_lib.TreeLayout,
     first: bool,
   ) -> tuple[Any, Any, jax.Array]:
+    """One call. ``first``: build the basis from this gradient (it is folded in already)."""
     directions, new_buckets, failures = [], [], jnp.zeros((), jnp.int32)
     for bucket, grad, state in zip(tree.buckets, grads, buckets, strict=True):
       if first:
         state = _first(stages, bucket, grad, state, step)
-      if statistics_first and not first:
+      elif statistics_first:
         state, failed = _statistics(stages, bucket, grad, state, step)
         failures += failed
-      direction, state = _direction(stages, bucket, grad, state, step)
-      if not statistics_first and not first:
+      direction = jnp.zeros_like(grad)
+      if not (first and first_call == "init_only"):
+        direction, state = _direction(stages, bucket, grad, state, step)
+      if not first and not statistics_first:
         state, failed = _statistics(stages, bucket, grad, state, step)
         failures += failed
       directions.append(direction.astype(grad.dtype))
@@ -192,24 +206,19 @@ def scale_by_preconditioner(
     del params
     tree = layout_lib.tree_layout(updates, config)
     grads = layout_lib.gather(updates, tree)
-
-    def first_call(buckets: tuple[BucketState, ...]) -> tuple[Any, Any, jax.Array]:
-      if skip_first_update:
-        new = tuple(
-          _first(stages, bucket, g, s, jnp.ones((), jnp.int32))
-          for bucket, g, s in zip(tree.buckets, grads, buckets, strict=True)
-        )
-        return tuple(jnp.zeros_like(g) for g in grads), new, jnp.zeros((), jnp.int32)
-      return step_fn(grads, buckets, jnp.ones((), jnp.int32), tree, first=True)
-
-    def later_call(buckets: tuple[BucketState, ...]) -> tuple[Any, Any, jax.Array]:
-      step = state.count if skip_first_update else state.count + 1
-      return step_fn(grads, buckets, step, tree, first=False)
+    # ``t``: the step counter of the stages (bias corrections, refresh schedule).
+    step = state.count if first_call == "init_only" else state.count + 1
 
     def accept(state: PreconditionerState) -> tuple[Any, PreconditionerState]:
-      directions, buckets, failures = jax.lax.cond(
-        state.count == 0, first_call, later_call, state.buckets
-      )
+      if first_call == "identity":
+        directions, buckets, failures = step_fn(grads, state.buckets, step, tree, first=False)
+      else:
+        directions, buckets, failures = jax.lax.cond(
+          state.count == 0,
+          lambda b: step_fn(grads, b, jnp.maximum(step, 1), tree, first=True),
+          lambda b: step_fn(grads, b, step, tree, first=False),
+          state.buckets,
+        )
       count = optax.safe_increment(state.count)
       failures = state.basis_failures + failures
       return directions, PreconditionerState(count, state.skipped, failures, buckets)

@@ -28,14 +28,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from kl_precond import tensor_ops
-from kl_precond._validation import check_beta, check_choice, check_nonnegative, check_positive
+from kl_precond._validation import check_beta, check_choice, check_nonnegative
 
 Bases = Sequence[jax.Array | None]
 
@@ -122,6 +122,17 @@ def adam(
   return Adam(b1, b2, eps, bias_correction, dtype)
 
 
+def _check_exponents(exponents: Any) -> None:
+  if isinstance(exponents, Mapping):
+    for entry in exponents.values():
+      _check_exponents(list(entry.values()) if isinstance(entry, Mapping) else entry)
+  elif isinstance(exponents, (tuple, list)):
+    for value in exponents:
+      check_nonnegative("exponents", value)
+  elif exponents is not None:
+    check_nonnegative("exponents", exponents)
+
+
 class MomentumState(NamedTuple):
   """State of :func:`kronecker_eigenvalues` for one block."""
 
@@ -144,11 +155,7 @@ class KroneckerEigenvalues:
     return MomentumState(jnp.zeros(tuple(shape), self.dtype or dtype))
 
   def _exponent(self, axis: int, order: int) -> Any:
-    if self.exponents is None:
-      return 1.0 / (2 * order)
-    if isinstance(self.exponents, (tuple, list)):
-      return self.exponents[axis]
-    return self.exponents
+    return resolve_exponent(self.exponents, axis, order)
 
   def _powers(self, eigenvalues: Sequence[Any], shape: Sequence[int]) -> jax.Array:
     powers: list[jax.Array | None] = []
@@ -191,6 +198,28 @@ class KroneckerEigenvalues:
     return state
 
 
+def resolve_exponent(exponents: Any, axis: int, order: int) -> Any:
+  """The exponent ``a_axis`` of a block of the given order.
+
+  ``exponents`` is ``None`` (``1/(2·order)``), one number, a per-axis sequence, or a mapping
+  ``{order: number | sequence | {axis: number}}`` (Distributed Shampoo's
+  ``inverse_exponent_override``; orders and axes it does not name take ``1/(2·order)``).
+  """
+  default = 1.0 / (2 * order)
+  if exponents is None:
+    return default
+  if isinstance(exponents, Mapping):
+    entry = exponents.get(order)
+    if entry is None:
+      return default
+    if isinstance(entry, Mapping):
+      return entry.get(axis, default)
+    return resolve_exponent(entry, axis, order)
+  if isinstance(exponents, (tuple, list)) or getattr(exponents, "ndim", 0) == 1:
+    return exponents[axis]
+  return exponents
+
+
 def kronecker_eigenvalues(
   b1: Any = 0.9,
   eps: Any = 1e-8,
@@ -216,8 +245,8 @@ def kronecker_eigenvalues(
   Args:
     b1: momentum EMA weight in ``[0, 1)``.
     eps: the regulariser, ``>= 0``; where it enters is set by ``eps_placement``.
-    exponents: ``a_i``: one number for every axis, a per-axis tuple, or ``None`` for
-      ``1/(2k)`` on a block of order ``k``.
+    exponents: ``a_i``: one number for every axis, a per-axis tuple, ``None`` for ``1/(2k)``
+      on a block of order ``k``, or a per-order mapping (see :func:`resolve_exponent`).
     eps_placement: ``"outside"`` (KL-Shampoo) or ``"inside"`` (Shampoo).
     bias_correction: divide the momentum by ``1 - β₁ᵗ``.
     dtype: storage dtype of ``M`` (default: the parameter's dtype).
@@ -228,9 +257,5 @@ def kronecker_eigenvalues(
   check_beta("b1", b1)
   check_nonnegative("eps", eps)
   check_choice("eps_placement", eps_placement, ("inside", "outside"))
-  if isinstance(exponents, (tuple, list)):
-    for value in exponents:
-      check_nonnegative("exponents", value)
-  elif exponents is not None:
-    check_positive("exponents", exponents)
+  _check_exponents(exponents)
   return KroneckerEigenvalues(b1, eps, exponents, eps_placement, bias_correction, dtype)

@@ -1,0 +1,153 @@
+"""Grafting: take the direction of one optimizer and the per-block step size of another.
+
+.. math::
+
+  P = \\begin{cases}
+    P_m & t < t_0 \\\\
+    P_d \\, \\dfrac{\\lVert P_m \\rVert_F}{\\lVert P_d \\rVert_F + \\epsilon} & t \\ge t_0
+  \\end{cases}
+
+per block (the layout's blocks, or whole tensors), with ``P_d`` the direction (e.g. Shampoo),
+``P_m`` the magnitude (SGD, AdaGrad, RMSprop or Adam) and ``t_0`` the
+``start_preconditioning_step``. Both transforms see every gradient, so their states stay warm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kl_precond import layout as layout_lib
+from kl_precond._validation import check_beta, check_choice, check_nonnegative
+
+
+class GraftState(NamedTuple):
+  """State of :func:`graft`."""
+
+  count: jax.Array  # type: ignore[assignment]  # (), int32: calls so far
+  direction: Any  # the direction transform's state
+  magnitude: Any  # the magnitude transform's state
+
+
+def _rescale(direction: jax.Array, magnitude: jax.Array, eps: Any) -> jax.Array:
+  dtype = jnp.promote_types(direction.dtype, jnp.float32)
+  norm_d = jnp.sqrt(jnp.sum(direction.astype(dtype) ** 2))
+  norm_m = jnp.sqrt(jnp.sum(magnitude.astype(dtype) ** 2))
+  return (direction * (norm_m / (norm_d + eps)).astype(direction.dtype)).astype(direction.dtype)
+
+
+def graft(
+  direction: optax.GradientTransformation,
+  magnitude: optax.GradientTransformation,
+  *,
+  layout: layout_lib.LayoutConfig | None = None,
+  start_preconditioning_step: int = 0,
+  eps: Any = 1e-16,
+) -> optax.GradientTransformation:
+  """Rescales ``direction``'s update, block by block, to the norm of ``magnitude``'s update.
+
+  Args:
+    direction: the transform whose direction is kept (e.g. :func:`scale_by_shampoo` without
+      grafting).
+    magnitude: the transform whose per-block Frobenius norm is used (e.g.
+      :func:`graft_magnitude`).
+    layout: blocks over which norms are taken (``None``: whole tensors).
+    start_preconditioning_step: ``t_0``: before it (counting calls from 1) the update is
+      ``magnitude``'s own.
+    eps: added to the direction's norm.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+  """
+  check_nonnegative("eps", eps)
+  if isinstance(start_preconditioning_step, bool) or start_preconditioning_step < 0:
+    raise ValueError(
+      f"start_preconditioning_step must be an integer >= 0, got {start_preconditioning_step!r}."
+    )
+
+  def init_fn(params: Any) -> GraftState:
+    return GraftState(jnp.zeros((), jnp.int32), direction.init(params), magnitude.init(params))
+
+  def rescale_leaf(d: jax.Array, m: jax.Array) -> jax.Array:
+    if layout is None:
+      return _rescale(d, m, eps)
+    tensor = layout_lib.tensor_layout(d.shape, layout)
+    blocks = [
+      _rescale(bd, bm, eps)
+      for bd, bm in zip(
+        layout_lib.to_blocks(d, tensor), layout_lib.to_blocks(m, tensor), strict=True
+      )
+    ]
+    return layout_lib.from_blocks(blocks, tensor)
+
+  def update_fn(updates: Any, state: GraftState, params: Any = None) -> tuple[Any, GraftState]:
+    d, direction_state = direction.update(updates, state.direction, params)
+    m, magnitude_state = magnitude.update(updates, state.magnitude, params)
+    grafted = jax.tree.map(rescale_leaf, d, m)
+    preconditioning = state.count + 1 >= start_preconditioning_step
+    out = jax.tree.map(lambda g, mm: jnp.where(preconditioning, g, mm), grafted, m)
+    return out, GraftState(optax.safe_increment(state.count), direction_state, magnitude_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class MagnitudeState(NamedTuple):
+  """State of :func:`graft_magnitude`."""
+
+  count: jax.Array  # type: ignore[assignment]  # (), int32
+  mu: Any  # params-shaped first moment (filtered gradient)
+  nu: Any  # params-shaped second moment
+
+
+def graft_magnitude(
+  kind: str = "adam", b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8
+) -> optax.GradientTransformation:
+  """The diagonal optimizers used as grafting magnitudes (Distributed Shampoo's options).
+
+  All share the bias-corrected filtered gradient ``Ḡ = M / (1 - β₁ᵗ)``,
+  ``M ← β₁ M + (1-β₁) G``; the second moment ``V`` uses the raw gradient:
+
+  * ``"sgd"``: ``P = Ḡ`` (``optax.ema(b1, debias=True)``);
+  * ``"adagrad"``: ``V ← V + G²``, ``P = Ḡ / (√V + ε)``;
+  * ``"rmsprop"``: ``V ← β₂ V + (1-β₂) G²``, ``P = Ḡ / (√V + ε)``;
+  * ``"adam"``: ``P = Ḡ / (√(V / (1-β₂ᵗ)) + ε)`` (``optax.scale_by_adam``).
+
+  Args:
+    kind: ``"sgd"``, ``"adagrad"``, ``"rmsprop"`` or ``"adam"``.
+    b1: EMA weight of the filtered gradient.
+    b2: EMA weight of the second moment (RMSprop, Adam).
+    eps: added to the root of the second moment.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+  """
+  check_choice("grafting", kind, ("sgd", "adagrad", "rmsprop", "adam"))
+  check_beta("b1", b1)
+  check_beta("b2", b2)
+  check_nonnegative("eps", eps)
+  if kind == "adam":
+    return optax.scale_by_adam(b1, b2, eps)
+  if kind == "sgd":
+    return optax.ema(b1, debias=True)
+
+  def init_fn(params: Any) -> MagnitudeState:
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return MagnitudeState(jnp.zeros((), jnp.int32), zeros, zeros)
+
+  def update_fn(updates: Any, state: MagnitudeState, params: Any = None) -> tuple[Any, Any]:
+    del params
+    count = optax.safe_increment(state.count)
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+    if kind == "adagrad":
+      nu = jax.tree.map(lambda v, g: v + g**2, state.nu, updates)
+    else:
+      nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g**2, state.nu, updates)
+    out = jax.tree.map(
+      lambda m, v: m / (1 - jnp.asarray(b1, m.dtype) ** count) / (jnp.sqrt(v) + eps), mu, nu
+    )
+    return out, MagnitudeState(count, mu, nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,272 @@
+"""Shampoo and AdamW-style Shampoo, as chains of the same stages as SOAP and the KL methods.
+
+| method               | estimator                | basis                         | scaling                          |
+| -------------------- | ------------------------ | ----------------------------- | -------------------------------- |
+| Shampoo              | ``frobenius`` (bias-corr.) | ``eigh_every(T, ridge=ε)``  | ``kronecker_eigenvalues(inside)`` |
+| AdamW-style Shampoo  | same                     | same                          | exponents ``(a, b)``, ``a+b=½``   |
+
+The order within a step follows Distributed Shampoo (facebookresearch/optimizers, the AlgoPerf
+winner): fold ``G`` into the factors, refresh the roots on due steps, then precondition the
+bias-corrected filtered gradient; the bases are the identity until the first refresh.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import optax
+
+from kl_precond import basis as basis_lib
+from kl_precond import estimators, grafting, preconditioner, scaling
+from kl_precond._validation import check_choice
+from kl_precond.alias import _with_decay
+from kl_precond.layout import LayoutConfig
+
+
+def _unfactored_axes(exponents: Any) -> tuple[tuple[int, tuple[int, ...]], ...]:
+  """Axes whose (concrete) exponent is zero get no factor at all; traced values keep them."""
+  per_order: dict[int, Any] = {}
+  if isinstance(exponents, Mapping):
+    per_order = dict(exponents)
+  elif isinstance(exponents, (tuple, list)):
+    per_order = {len(exponents): exponents}
+  result = []
+  for order, entry in sorted(per_order.items()):
+    items = entry.items() if isinstance(entry, Mapping) else enumerate(entry)
+    if isinstance(entry, (int, float)):
+      items = enumerate([entry] * order)
+    zeros = tuple(axis for axis, value in items if isinstance(value, (int, float)) and value == 0)
+    if zeros:
+      result.append((order, zeros))
+  return tuple(result)
+
+
+def scale_by_shampoo(
+  b1: Any = 0.9,
+  b2: Any = 0.999,
+  eps: Any = 1e-12,
+  *,
+  exponents: Any = None,
+  precondition_frequency: int = 10,
+  start_preconditioning_step: int | None = None,
+  grafting_type: str | None = "adam",
+  graft_b2: Any = 0.999,
+  graft_eps: Any = 1e-8,
+  eps_mode: str = "ridge",
+  max_precond_dim: int = 1024,
+  layout: LayoutConfig | None = None,
+  dtype: Any = None,
+  nonfinite: str = "skip",
+) -> optax.GradientTransformation:
+  """Shampoo with inverse roots from eigh and optional grafting (Gupta et al. 2018; Shi et al.).
+
+  .. math::
+
+    L &\\leftarrow \\beta_2 L + (1-\\beta_2) G G^\\top,\\quad
+    R \\leftarrow \\beta_2 R + (1-\\beta_2) G^\\top G,\\quad
+    \\hat L = L / (1-\\beta_2^t) \\\\
+    D &= (\\hat L + \\epsilon I)^{-a}\\, \\bar G\\, (\\hat R + \\epsilon I)^{-b},\\qquad
+    \\bar G = \\frac{M}{1-\\beta_1^t},\\ M \\leftarrow \\beta_1 M + (1-\\beta_1) G
+
+  The roots (an eigh of each factor) are recomputed at ``start_preconditioning_step`` and every
+  ``T`` steps after it; before the first one they are the identity. If an eigenvalue of
+  ``L̂ + εI`` is below ``ε`` all are shifted up so that the smallest is ``ε``. With grafting,
+  ``D`` is rescaled per block to the norm of the grafting optimizer's step, which is used alone
+  before ``start_preconditioning_step``.
+
+  Args:
+    b1: EMA weight of the filtered gradient ``M``.
+    b2: EMA weight of the factors.
+    eps: ``ε``: the ridge added inside the root, and the eigenvalue floor.
+    exponents: ``a, b, …``: ``None`` for ``1/(2k)`` on an order-``k`` block, a number, a
+      per-axis tuple, or ``{order: {axis: exponent}}`` (Distributed Shampoo's
+      ``inverse_exponent_override``). A concrete ``0`` gives that axis no factor at all.
+    precondition_frequency: ``T``, steps between root recomputations (static).
+    start_preconditioning_step: first step with roots (``None``: ``T``) (static).
+    grafting_type: ``"adam"``, ``"rmsprop"``, ``"adagrad"``, ``"sgd"`` or ``None``.
+    graft_b2: second-moment EMA weight of the grafting optimizer.
+    graft_eps: epsilon of the grafting optimizer.
+    eps_mode: ``"ridge"`` (``L̂ + εI``) or ``"relative"`` (``L̂ + ε λ_max(L̂) I``).
+    max_precond_dim: axes longer than this are split into blocks of this size (static).
+    layout: a full :class:`LayoutConfig` instead of the default (blocking on, 1-D tensors
+      preconditioned, as Distributed Shampoo does).
+    dtype: storage dtype of all state; eigh runs in float32 or higher.
+    nonfinite: ``"skip"`` or ``"propagate"`` calls with NaN/Inf gradients.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Gupta, Koren, Singer, "Shampoo: Preconditioned Stochastic Tensor Optimization", 2018;
+    Shi et al., "A Distributed Data-Parallel PyTorch Implementation of the Distributed Shampoo
+    Optimizer", 2023, https://arxiv.org/abs/2309.06497
+  """
+  check_choice("grafting_type", grafting_type, (None, "adam", "rmsprop", "adagrad", "sgd"))
+  check_choice("eps_mode", eps_mode, ("ridge", "relative"))
+  start = (
+    precondition_frequency if start_preconditioning_step is None else start_preconditioning_step
+  )
+  if layout is None:
+    layout = LayoutConfig(max_precond_dim, blocking=True, precondition_1d=True)
+  unfactored = _unfactored_axes(exponents)
+  if unfactored:
+    layout = LayoutConfig(
+      layout.max_precond_dim,
+      layout.merge_small_dims,
+      layout.precondition_1d,
+      layout.blocking,
+      layout.squeeze,
+      layout.channels_last,
+      unfactored,
+    )
+  direction = preconditioner.scale_by_preconditioner(
+    estimators.frobenius(b2, bias_correction=True, dtype=dtype),
+    basis_lib.eigh_every(
+      precondition_frequency,
+      start=start,
+      ridge=eps,
+      relative_ridge=eps_mode == "relative",
+      eigenvalue_floor=eps,
+      dtype=dtype,
+    ),
+    scaling.kronecker_eigenvalues(
+      b1, 0.0, exponents=exponents, eps_placement="inside", bias_correction=True, dtype=dtype
+    ),
+    layout=layout,
+    first_call="identity",
+    statistics_first=True,
+    nonfinite=nonfinite,
+  )
+  if grafting_type is None:
+    return direction
+  magnitude = grafting.graft_magnitude(grafting_type, b1, graft_b2, graft_eps)
+  return grafting.graft(direction, magnitude, layout=layout, start_preconditioning_step=start)
+
+
+def shampoo(
+  learning_rate: optax.ScalarOrSchedule = 1e-3,
+  b1: Any = 0.9,
+  b2: Any = 0.999,
+  eps: Any = 1e-12,
+  weight_decay: Any = 0.0,
+  *,
+  mask: Any = None,
+  exponents: Any = None,
+  precondition_frequency: int = 10,
+  start_preconditioning_step: int | None = None,
+  grafting_type: str | None = "adam",
+  graft_b2: Any = 0.999,
+  graft_eps: Any = 1e-8,
+  eps_mode: str = "ridge",
+  max_precond_dim: int = 1024,
+  layout: LayoutConfig | None = None,
+  dtype: Any = None,
+  nonfinite: str = "skip",
+) -> optax.GradientTransformation:
+  """Shampoo with decoupled weight decay: ``W ← W - η(P + λW)``, ``P`` from
+  :func:`scale_by_shampoo` (after grafting, as in Distributed Shampoo).
+
+  Args:
+    learning_rate: ``η``, a number or an optax schedule.
+    weight_decay: ``λ``.
+    mask: which parameters are decayed.
+    **others: as in :func:`scale_by_shampoo`.
+  """
+  direction = scale_by_shampoo(
+    b1,
+    b2,
+    eps,
+    exponents=exponents,
+    precondition_frequency=precondition_frequency,
+    start_preconditioning_step=start_preconditioning_step,
+    grafting_type=grafting_type,
+    graft_b2=graft_b2,
+    graft_eps=graft_eps,
+    eps_mode=eps_mode,
+    max_precond_dim=max_precond_dim,
+    layout=layout,
+    dtype=dtype,
+    nonfinite=nonfinite,
+  )
+  return _with_decay(direction, learning_rate, weight_decay, mask)
+
+
+def adamw_shampoo(
+  learning_rate: optax.ScalarOrSchedule = 1e-3,
+  b1: Any = 0.9,
+  b2: Any = 0.999,
+  eps: Any = 1e-12,
+  weight_decay: Any = 0.01,
+  *,
+  mask: Any = None,
+  exponents: Any = (0.25, 0.25),
+  precondition_frequency: int = 10,
+  eps_mode: str = "ridge",
+  max_precond_dim: int = 1024,
+  layout: LayoutConfig | None = None,
+  dtype: Any = None,
+  nonfinite: str = "skip",
+) -> optax.GradientTransformation:
+  """AdamW-style Shampoo: exponents ``(a, b)`` with ``a + b = 1/2``, decoupled weight decay.
+
+  .. math::
+
+    D = (\\hat L + \\epsilon I)^{-a}\\, \\hat M\\, (\\hat R + \\epsilon I)^{-b},\\qquad
+    W \\leftarrow W - \\eta (D + \\lambda W)
+
+  With no accumulation and ``ε → 0``, ``(GGᵀ)^(-a) G (GᵀG)^(-b) = U Σ^(1-2(a+b)) Vᵀ``: the polar
+  factor ``U Vᵀ`` whenever ``a + b = 1/2``, however it is split. ``(0.5, 0)`` is one-sided
+  Shampoo and allocates no right factor (and ``(0, 0.5)`` no left one). Matrices use
+  ``exponents``; other orders ``1/(2k)``. No grafting; roots from the first step on.
+
+  Args:
+    learning_rate: ``η``, a number or an optax schedule.
+    b1: EMA weight of the (bias-corrected) first moment ``M``.
+    b2: EMA weight of the (bias-corrected) factors.
+    eps: the ridge ``ε`` inside the roots.
+    weight_decay: ``λ`` (decoupled, its own transform).
+    mask: which parameters are decayed.
+    exponents: ``(a, b)`` for matrices (a pair, or a length-2 array to inject it); a warning is
+      issued when ``a + b ≠ 1/2``.
+    precondition_frequency: ``T``, steps between root recomputations (static).
+    eps_mode: ``"ridge"`` or ``"relative"``.
+    max_precond_dim: axes longer than this are split into blocks (static).
+    layout: a full :class:`LayoutConfig`.
+    dtype: storage dtype of all state.
+    nonfinite: ``"skip"`` or ``"propagate"`` calls with NaN/Inf gradients.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    "Convergence rate of AdamW-style Shampoo: unifying one-sided and two-sided
+    preconditioning", 2025.
+  """
+  if isinstance(exponents, (tuple, list)) and len(exponents) != 2:
+    raise ValueError(f"exponents must be a pair (a, b) for matrices, got {exponents!r}.")
+  if isinstance(exponents, (tuple, list)) and all(isinstance(e, (int, float)) for e in exponents):
+    if abs(sum(exponents) - 0.5) > 1e-12:
+      warnings.warn(
+        f"adamw_shampoo exponents {exponents} do not sum to 1/2 (the analysed family).",
+        stacklevel=2,
+      )
+  # Matrices use ``exponents``; other orders keep 1/(2k). An array (e.g. injected by
+  # ``optax.inject_hyperparams``) is traced: its zeros scale by 1 instead of dropping a factor.
+  per_order = exponents if isinstance(exponents, Mapping) else {2: exponents}
+  direction = scale_by_shampoo(
+    b1,
+    b2,
+    eps,
+    exponents=per_order,
+    precondition_frequency=precondition_frequency,
+    start_preconditioning_step=1,
+    grafting_type=None,
+    eps_mode=eps_mode,
+    max_precond_dim=max_precond_dim,
+    layout=layout,
+    dtype=dtype,
+    nonfinite=nonfinite,
+  )
+  return _with_decay(direction, learning_rate, weight_decay, mask)
