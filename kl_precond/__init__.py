@@ -6,6 +6,7 @@ of public stages: ``layout`` â†’ ``estimator`` (:func:`frobenius`, :func:`kl`) â
 :func:`kronecker_eigenvalues`), composed by :func:`scale_by_preconditioner`.
 """
 
+from kl_precond import diagnostics as diagnostics
 from kl_precond.alias import (
   kl_shampoo,
   kl_soap,

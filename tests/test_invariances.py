@@ -131,6 +131,22 @@ def test_kl_shampoo_differs_from_kl_soap_only_in_scaling():
   assert not np.allclose(a[-1]["w"], b[-1]["w"])  # the scaling stage matters
 
 
+def test_shampoo_equals_its_hand_built_chain():
+  layout = kp.LayoutConfig(max_precond_dim=1024, blocking=True, precondition_1d=True)
+  tx = kp.shampoo(1e-2, 0.9, 0.999, 1e-12, 0.01, precondition_frequency=3)
+  direction = kp.scale_by_preconditioner(
+    kp.frobenius(0.999, bias_correction=True),
+    kp.eigh_every(3, start=3, ridge=1e-12, eigenvalue_floor=1e-12),
+    kp.kronecker_eigenvalues(0.9, 0.0, exponents=None, eps_placement="inside",
+                             bias_correction=True),
+    layout=layout, first_call="identity", statistics_first=True,
+  )
+  grafted = kp.graft(direction, kp.graft_magnitude("adam", 0.9, 0.999, 1e-8), layout=layout,
+                     start_preconditioning_step=3)
+  hand = optax.chain(grafted, optax.add_decayed_weights(0.01), optax.scale_by_learning_rate(1e-2))
+  _assert_same_trajectory(tx, hand, PARAMS)
+
+
 @pytest.mark.parametrize("name", sorted(SCALE_BY))
 def test_factors_do_not_depend_on_frequency_and_bases_change_only_on_refresh(name):
   params = {"w": jnp.zeros((5, 5))}
