@@ -137,12 +137,19 @@ def test_shampoo_equals_its_hand_built_chain():
   direction = kp.scale_by_preconditioner(
     kp.frobenius(0.999, bias_correction=True),
     kp.eigh_every(3, start=3, ridge=1e-12, eigenvalue_floor=1e-12),
-    kp.kronecker_eigenvalues(0.9, 0.0, exponents=None, eps_placement="inside",
-                             bias_correction=True),
-    layout=layout, first_call="identity", statistics_first=True,
+    kp.kronecker_eigenvalues(
+      0.9, 0.0, exponents=None, eps_placement="inside", bias_correction=True
+    ),
+    layout=layout,
+    first_call="identity",
+    statistics_first=True,
   )
-  grafted = kp.graft(direction, kp.graft_magnitude("adam", 0.9, 0.999, 1e-8), layout=layout,
-                     start_preconditioning_step=3)
+  grafted = kp.graft(
+    direction,
+    kp.graft_magnitude("adam", 0.9, 0.999, 1e-8),
+    layout=layout,
+    start_preconditioning_step=3,
+  )
   hand = optax.chain(grafted, optax.add_decayed_weights(0.01), optax.scale_by_learning_rate(1e-2))
   _assert_same_trajectory(tx, hand, PARAMS)
 
