@@ -6,6 +6,10 @@ of public stages: ``layout`` â†’ ``estimator`` (:func:`frobenius`, :func:`kl`) â
 :func:`kronecker_eigenvalues`), composed by :func:`scale_by_preconditioner`.
 """
 
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 from kl_precond import diagnostics as diagnostics
 from kl_precond.alias import (
   kl_shampoo,
@@ -25,9 +29,18 @@ from kl_precond.shampoo_family import adamw_shampoo, scale_by_shampoo, shampoo
 
 __version__ = "0.1.0"
 
-# Hyperparameters that shape the computation (sizes, periods) and so cannot be traced arrays:
-# ``optax.inject_hyperparams(kp.soap, static_args=kp.STATIC_HYPERPARAMS)``.
+# Hyperparameters that shape the computation (sizes, periods) and so cannot be traced arrays,
+# common to every optimizer here: ``optax.inject_hyperparams(kp.soap,
+# static_args=kp.STATIC_HYPERPARAMS)``. ``kp.static_hyperparams(kp.shampoo)`` adds the ones a
+# given optimizer has beyond these (``start_preconditioning_step``).
 STATIC_HYPERPARAMS = ("precondition_frequency", "max_precond_dim")
+
+
+def static_hyperparams(factory: Callable[..., Any]) -> tuple[str, ...]:
+  """The static arguments of an optimizer of this package, for ``optax.inject_hyperparams``."""
+  names = inspect.signature(factory).parameters
+  return tuple(n for n in (*STATIC_HYPERPARAMS, "start_preconditioning_step") if n in names)
+
 
 __all__ = [
   "STATIC_HYPERPARAMS",
@@ -58,5 +71,6 @@ __all__ = [
   "scale_by_shampoo",
   "scale_by_soap",
   "shampoo",
+  "static_hyperparams",
   "soap",
 ]

@@ -39,15 +39,15 @@ def check_beta(name: str, value: Any) -> None:
 def check_positive(name: str, value: Any) -> None:
   """``value`` must be ``> 0``."""
   number = _concrete(value)
-  if number is not None and not number > 0.0:
-    raise ValueError(f"{name} must be > 0, got {value!r}.")
+  if number is not None and not 0.0 < number < float("inf"):
+    raise ValueError(f"{name} must be finite and > 0, got {value!r}.")
 
 
 def check_nonnegative(name: str, value: Any) -> None:
   """``value`` must be ``>= 0``."""
   number = _concrete(value)
-  if number is not None and not number >= 0.0:
-    raise ValueError(f"{name} must be >= 0, got {value!r}.")
+  if number is not None and not 0.0 <= number < float("inf"):
+    raise ValueError(f"{name} must be finite and >= 0, got {value!r}.")
 
 
 def check_frequency(name: str, value: Any) -> None:

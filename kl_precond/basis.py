@@ -25,7 +25,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from kl_precond import tensor_ops
 from kl_precond._validation import check_frequency, check_nonnegative
 
 Matrices = tuple[jax.Array | None, ...]
@@ -49,11 +51,6 @@ def _eigh_descending(factor: jax.Array) -> tuple[jax.Array, jax.Array]:
   return values[::-1], vectors[:, ::-1]
 
 
-def _all_finite(arrays: Sequence[jax.Array | None]) -> jax.Array:
-  flags = [jnp.all(jnp.isfinite(a)) for a in arrays if a is not None]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
-
-
 @dataclasses.dataclass(frozen=True)
 class Refresh:
   """Basis refresh policy; see :func:`eigh_every` and :func:`qr_every`."""
@@ -71,8 +68,10 @@ class Refresh:
   def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any) -> BasisState:
     dtype = self.dtype or dtype
     bases = tuple(jnp.eye(d, dtype=dtype) if m else None for d, m in zip(shape, mask, strict=True))
+    # Eigenvalues (d numbers per factor) stay float32 at least: a floor such as 1e-12 underflows
+    # float16, and their negative powers overflow it.
     values = tuple(
-      jnp.ones((d,), dtype) if m and self.keep_eigenvalues else None
+      jnp.ones((d,), _compute_dtype(dtype)) if m and self.keep_eigenvalues else None
       for d, m in zip(shape, mask, strict=True)
     )
     return BasisState(bases, values)
@@ -141,7 +140,7 @@ class Refresh:
 
   @staticmethod
   def _keep_if_failed(new: BasisState, old: BasisState) -> tuple[BasisState, jax.Array]:
-    ok = _all_finite(list(new.bases) + list(new.eigenvalues))
+    ok = tensor_ops.all_finite(new)
     kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     return kept, jnp.logical_not(ok)
 
@@ -168,7 +167,7 @@ def qr_every(every: int, *, sort: bool = True, start: int = 0, dtype: Any = None
 
 
 def _check_start(start: int) -> None:
-  if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+  if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
     raise ValueError(f"start_preconditioning_step must be an integer >= 0, got {start!r}.")
 
 

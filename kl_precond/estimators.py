@@ -200,7 +200,9 @@ class KL:
     reference does for matrices.
     """
     factors, roots = list(state.factors), list(state.inverse_roots)
-    grad = grad.astype(jnp.result_type(grad.dtype, *[r.dtype for r in roots if r is not None]))
+    dtype = jnp.promote_types(grad.dtype, jnp.float32)
+    grad = grad.astype(dtype)
+    roots = [None if r is None else r.astype(dtype) for r in roots]
     projected = tensor_ops.project(grad, bases)
     dampings = self._dampings(roots)
     active = [axis for axis, f in enumerate(factors) if f is not None]
@@ -227,7 +229,11 @@ class KL:
         assert factor is not None
         factors[axis] = self._update_factor(grad, factor, bases, old, axis)
         roots[axis] = self._update_root(projected, old, axis, dampings[axis])
-    return KLState(tuple(factors), tuple(roots))
+    stored = tuple(
+      None if r is None or s is None else r.astype(s.dtype)
+      for r, s in zip(roots, state.inverse_roots, strict=True)
+    )
+    return KLState(tuple(factors), stored)
 
   def factors(self, state: KLState, step: jax.Array) -> Factors:
     del step

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from kl_precond import layout as layout_lib
+from kl_precond import tensor_ops
 from kl_precond._validation import check_beta, check_choice, check_nonnegative
 
 
@@ -34,9 +35,15 @@ class GraftState(NamedTuple):
 
 def _rescale(direction: jax.Array, magnitude: jax.Array, eps: Any) -> jax.Array:
   dtype = jnp.promote_types(direction.dtype, jnp.float32)
-  norm_d = jnp.sqrt(jnp.sum(direction.astype(dtype) ** 2))
-  norm_m = jnp.sqrt(jnp.sum(magnitude.astype(dtype) ** 2))
+  norm_d, norm_m = _norm(direction.astype(dtype)), _norm(magnitude.astype(dtype))
   return (direction * (norm_m / (norm_d + eps)).astype(direction.dtype)).astype(direction.dtype)
+
+
+def _norm(x: jax.Array) -> jax.Array:
+  """Frobenius norm computed as ``max|x| · ‖x / max|x|‖`` so tiny blocks do not underflow."""
+  peak = jnp.max(jnp.abs(x))
+  safe = jnp.where(peak > 0, peak, 1)
+  return peak * jnp.sqrt(jnp.sum((x / safe) ** 2))
 
 
 def graft(
@@ -46,6 +53,7 @@ def graft(
   layout: layout_lib.LayoutConfig | None = None,
   start_preconditioning_step: int = 0,
   eps: Any = 1e-16,
+  nonfinite: str = "skip",
 ) -> optax.GradientTransformation:
   """Rescales ``direction``'s update, block by block, to the norm of ``magnitude``'s update.
 
@@ -58,11 +66,15 @@ def graft(
     start_preconditioning_step: ``t_0``: before it (counting calls from 1) the update is
       ``magnitude``'s own.
     eps: added to the direction's norm.
+    nonfinite: ``"skip"``: a call with a NaN/Inf gradient, or one that would make the
+      magnitude's finite state non-finite, returns zeros and keeps the magnitude's state and the
+      step counter (the direction handles its own state); ``"propagate"``: no check.
 
   Returns:
     An ``optax.GradientTransformation``.
   """
   check_nonnegative("eps", eps)
+  check_choice("nonfinite", nonfinite, ("skip", "propagate"))
   if isinstance(start_preconditioning_step, bool) or start_preconditioning_step < 0:
     raise ValueError(
       f"start_preconditioning_step must be an integer >= 0, got {start_preconditioning_step!r}."
@@ -89,7 +101,13 @@ def graft(
     grafted = jax.tree.map(rescale_leaf, d, m)
     preconditioning = state.count + 1 >= start_preconditioning_step
     out = jax.tree.map(lambda g, mm: jnp.where(preconditioning, g, mm), grafted, m)
-    return out, GraftState(optax.safe_increment(state.count), direction_state, magnitude_state)
+    new = (out, GraftState(optax.safe_increment(state.count), direction_state, magnitude_state))
+    if nonfinite == "propagate":
+      return new
+    healthy = tensor_ops.all_finite(state.magnitude)
+    ok = tensor_ops.all_finite(updates) & (tensor_ops.all_finite((out, magnitude_state)) | ~healthy)
+    kept = (jax.tree.map(jnp.zeros_like, out), state._replace(direction=direction_state))
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, kept)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -103,7 +121,7 @@ class MagnitudeState(NamedTuple):
 
 
 def graft_magnitude(
-  kind: str = "adam", b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8
+  kind: str = "adam", b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, *, dtype: Any = None
 ) -> optax.GradientTransformation:
   """The diagonal optimizers used as grafting magnitudes (Distributed Shampoo's options).
 
@@ -120,6 +138,9 @@ def graft_magnitude(
     b1: EMA weight of the filtered gradient.
     b2: EMA weight of the second moment (RMSprop, Adam).
     eps: added to the root of the second moment.
+    dtype: storage dtype of the moments (``None``: the parameters'; the arithmetic runs in
+      float32 at least). With ``None``, ``"adam"`` and ``"sgd"`` are exactly
+      ``optax.scale_by_adam`` and ``optax.ema(debias=True)``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -128,26 +149,38 @@ def graft_magnitude(
   check_beta("b1", b1)
   check_beta("b2", b2)
   check_nonnegative("eps", eps)
-  if kind == "adam":
+  if dtype is None and kind == "adam":
     return optax.scale_by_adam(b1, b2, eps)
-  if kind == "sgd":
+  if dtype is None and kind == "sgd":
     return optax.ema(b1, debias=True)
 
   def init_fn(params: Any) -> MagnitudeState:
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, dtype or p.dtype), params)
     return MagnitudeState(jnp.zeros((), jnp.int32), zeros, zeros)
+
+  def one(m: jax.Array, v: jax.Array, g: jax.Array, count: jax.Array) -> tuple[Any, Any, Any]:
+    work = jnp.promote_types(m.dtype, jnp.float32)
+    g = g.astype(work)
+    new_m = b1 * m.astype(work) + (1 - b1) * g
+    new_v = v.astype(work) + g**2 if kind == "adagrad" else b2 * v.astype(work) + (1 - b2) * g**2
+    filtered = new_m / (1 - jnp.asarray(b1, work) ** count)
+    corrected = new_v / (1 - jnp.asarray(b2, work) ** count) if kind == "adam" else new_v
+    out = filtered if kind == "sgd" else filtered / (jnp.sqrt(corrected) + eps)
+    return out, new_m.astype(m.dtype), new_v.astype(v.dtype)
 
   def update_fn(updates: Any, state: MagnitudeState, params: Any = None) -> tuple[Any, Any]:
     del params
     count = optax.safe_increment(state.count)
-    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-    if kind == "adagrad":
-      nu = jax.tree.map(lambda v, g: v + g**2, state.nu, updates)
-    else:
-      nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g**2, state.nu, updates)
-    out = jax.tree.map(
-      lambda m, v: m / (1 - jnp.asarray(b1, m.dtype) ** count) / (jnp.sqrt(v) + eps), mu, nu
-    )
+    moments, structure = jax.tree.flatten(state.mu)
+    treedef: Any = structure
+    grads = treedef.flatten_up_to(updates)
+    results = [
+      one(m, v, g, count)
+      for m, v, g in zip(moments, treedef.flatten_up_to(state.nu), grads, strict=True)
+    ]
+    out = treedef.unflatten([r[0].astype(g.dtype) for r, g in zip(results, grads, strict=True)])
+    mu = treedef.unflatten([r[1] for r in results])
+    nu = treedef.unflatten([r[2] for r in results])
     return out, MagnitudeState(count, mu, nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

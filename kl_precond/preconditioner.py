@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from kl_precond import layout as layout_lib
+from kl_precond import tensor_ops
 from kl_precond._validation import check_choice
 
 
@@ -157,9 +158,11 @@ def scale_by_preconditioner(
     first_call: ``"init_only"``, ``"precondition"`` or ``"identity"`` (module docstring).
     statistics_first: fold the gradient and refresh before computing the direction.
     normalize_grads: divide each tensor's update by its RMS (``+1e-30``).
-    nonfinite: what a gradient with NaN or Inf does. ``"skip"`` (default): the call returns a
-      zero update, leaves the state untouched (the step counter too) and counts the call in
-      ``skipped``. ``"propagate"``: the values flow through, as in the references.
+    nonfinite: what a non-finite call does. ``"skip"`` (default): a call whose gradient has NaN
+      or Inf, or that would make a finite state non-finite (e.g. a finite gradient whose square
+      overflows the factors), returns a zero update, leaves the state untouched (the step
+      counter too) and counts the call in ``skipped``. ``"propagate"``: the values flow
+      through, as in the references.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`PreconditionerState`.
@@ -227,11 +230,16 @@ def scale_by_preconditioner(
       zeros = tuple(jnp.zeros_like(g) for g in grads)
       return zeros, state._replace(skipped=optax.safe_increment(state.skipped))
 
+    new = accept(state)
     if nonfinite == "skip":
-      finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in grads] or [True]))
-      directions, state = jax.lax.cond(finite, accept, skip, state)
-    else:
-      directions, state = accept(state)
+      # A finite gradient can still overflow the statistics, so the new state is checked too
+      # (unless it was not finite before this call: then the basis stage's guard handles it).
+      healthy = tensor_ops.all_finite(state.buckets)
+      ok = tensor_ops.all_finite(grads) & (
+        tensor_ops.all_finite((new[0], new[1].buckets)) | ~healthy
+      )
+      new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, skip(state))
+    directions, state = new
     updates = layout_lib.scatter(directions, tree)
     if normalize_grads:
       updates = jax.tree.map(lambda u: u / (1e-30 + jnp.sqrt(jnp.mean(u**2))), updates)

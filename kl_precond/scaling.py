@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kl_precond import tensor_ops
 from kl_precond._validation import check_beta, check_choice, check_nonnegative
@@ -66,9 +67,10 @@ class Adam:
     self, grad: jax.Array, state: AdamState, bases: Bases, eigenvalues: Any, step: jax.Array
   ) -> tuple[jax.Array, AdamState]:
     del eigenvalues
-    projected = tensor_ops.project(grad.astype(state.mu.dtype), bases)
-    mu = self.b1 * state.mu + (1 - self.b1) * projected
-    nu = self.b2 * state.nu + (1 - self.b2) * projected**2
+    dtype = _compute_dtype(state.mu.dtype)
+    projected = tensor_ops.project(grad.astype(dtype), bases)
+    mu = self.b1 * state.mu.astype(dtype) + (1 - self.b1) * projected
+    nu = self.b2 * state.nu.astype(dtype) + (1 - self.b2) * projected**2
     direction = tensor_ops.unproject(mu / (jnp.sqrt(nu) + self.eps), bases)
     if self.bias_correction:
       direction = direction * _adam_correction(self.b1, self.b2, step, direction.dtype)
@@ -83,6 +85,11 @@ class Adam:
     for axis, permutation in enumerate(permutations):
       nu = tensor_ops.permute_axis(nu, permutation, axis)
     return AdamState(mu.astype(state.mu.dtype), nu)
+
+
+def _compute_dtype(dtype: Any) -> Any:
+  """Moments are updated in float32 at least, whatever their storage dtype."""
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _adam_correction(b1: Any, b2: Any, step: jax.Array, dtype: Any) -> jax.Array:
@@ -129,6 +136,13 @@ def _check_exponents(exponents: Any) -> None:
   elif isinstance(exponents, (tuple, list)):
     for value in exponents:
       check_nonnegative("exponents", value)
+  elif isinstance(exponents, (np.ndarray, jax.Array)) and not isinstance(
+    exponents, jax.core.Tracer
+  ):
+    if exponents.ndim and bool(np.any(np.asarray(exponents) < 0)):
+      raise ValueError(f"exponents must be >= 0, got {exponents!r}.")
+    if not exponents.ndim:
+      check_nonnegative("exponents", exponents)
   elif exponents is not None:
     check_nonnegative("exponents", exponents)
 
@@ -182,13 +196,16 @@ class KroneckerEigenvalues:
         "kronecker_eigenvalues needs eigenvalue estimates for every factored axis: use the kl() "
         "estimator, or a basis stage that keeps eigenvalues (eigh_every(keep_eigenvalues=True))."
       )
-    mu = state.mu + (1 - self.b1) * (grad.astype(state.mu.dtype) - state.mu)
+    dtype = _compute_dtype(state.mu.dtype)
+    old = state.mu.astype(dtype)
+    mu = old + (1 - self.b1) * (grad.astype(dtype) - old)
     moment = mu
     if self.bias_correction:
-      moment = mu / (1 - jnp.asarray(self.b1, mu.dtype) ** step.astype(mu.dtype))
-    scale = self._powers(eigenvalues, mu.shape).astype(mu.dtype)
+      moment = mu / (1 - jnp.asarray(self.b1, dtype) ** step.astype(dtype))
+    values = [None if v is None else v.astype(dtype) for v in eigenvalues]
+    scale = self._powers(values, mu.shape)
     direction = tensor_ops.unproject(tensor_ops.project(moment, bases) * scale, bases)
-    return direction, MomentumState(mu)
+    return direction, MomentumState(mu.astype(state.mu.dtype))
 
   def rotate(
     self, state: MomentumState, old_bases: Bases, new_bases: Bases, permutations: Sequence[Any]

@@ -12,6 +12,7 @@ bias-corrected filtered gradient; the bases are the identity until the first ref
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +21,7 @@ import optax
 
 from kl_precond import basis as basis_lib
 from kl_precond import estimators, grafting, preconditioner, scaling
-from kl_precond._validation import check_choice
+from kl_precond._validation import check_beta, check_choice, check_frequency, check_nonnegative
 from kl_precond.alias import _with_decay
 from kl_precond.layout import LayoutConfig
 
@@ -56,6 +57,7 @@ def scale_by_shampoo(
   graft_eps: Any = 1e-8,
   eps_mode: str = "ridge",
   max_precond_dim: int = 1024,
+  precondition_1d: bool = True,
   layout: LayoutConfig | None = None,
   dtype: Any = None,
   nonfinite: str = "skip",
@@ -90,8 +92,9 @@ def scale_by_shampoo(
     graft_eps: epsilon of the grafting optimizer.
     eps_mode: ``"ridge"`` (``L̂ + εI``) or ``"relative"`` (``L̂ + ε λ_max(L̂) I``).
     max_precond_dim: axes longer than this are split into blocks of this size (static).
-    layout: a full :class:`LayoutConfig` instead of the default (blocking on, 1-D tensors
-      preconditioned, as Distributed Shampoo does).
+    precondition_1d: give vectors a full factor (Distributed Shampoo); otherwise they take
+      Adam (``b1``, ``graft_b2``, ``graft_eps``).
+    layout: a full :class:`LayoutConfig` instead of the default (blocking on).
     dtype: storage dtype of all state; eigh runs in float32 or higher.
     nonfinite: ``"skip"`` or ``"propagate"`` calls with NaN/Inf gradients.
 
@@ -105,22 +108,16 @@ def scale_by_shampoo(
   """
   check_choice("grafting_type", grafting_type, (None, "adam", "rmsprop", "adagrad", "sgd"))
   check_choice("eps_mode", eps_mode, ("ridge", "relative"))
-  start = (
-    precondition_frequency if start_preconditioning_step is None else start_preconditioning_step
-  )
+  check_frequency("precondition_frequency", precondition_frequency)
+  check_beta("graft_b2", graft_b2)
+  check_nonnegative("graft_eps", graft_eps)
+  start = start_preconditioning_step
+  start = int(precondition_frequency) if start is None else start
   if layout is None:
-    layout = LayoutConfig(max_precond_dim, blocking=True, precondition_1d=True)
+    layout = LayoutConfig(max_precond_dim, blocking=True, precondition_1d=precondition_1d)
   unfactored = _unfactored_axes(exponents)
   if unfactored:
-    layout = LayoutConfig(
-      layout.max_precond_dim,
-      layout.merge_small_dims,
-      layout.precondition_1d,
-      layout.blocking,
-      layout.squeeze,
-      layout.channels_last,
-      unfactored,
-    )
+    layout = dataclasses.replace(layout, unfactored_axes=unfactored)
   direction = preconditioner.scale_by_preconditioner(
     estimators.frobenius(b2, bias_correction=True, dtype=dtype),
     basis_lib.eigh_every(
@@ -135,14 +132,17 @@ def scale_by_shampoo(
       b1, 0.0, exponents=exponents, eps_placement="inside", bias_correction=True, dtype=dtype
     ),
     layout=layout,
+    fallback=scaling.adam(b1, graft_b2, graft_eps, dtype=dtype),
     first_call="identity",
     statistics_first=True,
     nonfinite=nonfinite,
   )
   if grafting_type is None:
     return direction
-  magnitude = grafting.graft_magnitude(grafting_type, b1, graft_b2, graft_eps)
-  return grafting.graft(direction, magnitude, layout=layout, start_preconditioning_step=start)
+  magnitude = grafting.graft_magnitude(grafting_type, b1, graft_b2, graft_eps, dtype=dtype)
+  return grafting.graft(
+    direction, magnitude, layout=layout, start_preconditioning_step=start, nonfinite=nonfinite
+  )
 
 
 def shampoo(
@@ -161,6 +161,7 @@ def shampoo(
   graft_eps: Any = 1e-8,
   eps_mode: str = "ridge",
   max_precond_dim: int = 1024,
+  precondition_1d: bool = True,
   layout: LayoutConfig | None = None,
   dtype: Any = None,
   nonfinite: str = "skip",
@@ -186,6 +187,7 @@ def shampoo(
     graft_eps=graft_eps,
     eps_mode=eps_mode,
     max_precond_dim=max_precond_dim,
+    precondition_1d=precondition_1d,
     layout=layout,
     dtype=dtype,
     nonfinite=nonfinite,
@@ -205,6 +207,7 @@ def adamw_shampoo(
   precondition_frequency: int = 10,
   eps_mode: str = "ridge",
   max_precond_dim: int = 1024,
+  precondition_1d: bool = False,
   layout: LayoutConfig | None = None,
   dtype: Any = None,
   nonfinite: str = "skip",
@@ -233,6 +236,9 @@ def adamw_shampoo(
     precondition_frequency: ``T``, steps between root recomputations (static).
     eps_mode: ``"ridge"`` or ``"relative"``.
     max_precond_dim: axes longer than this are split into blocks (static).
+    precondition_1d: give vectors a full factor (``(L̂ + εI)^(-1/2)``); off by default: with
+      stale roots and no grafting, a bias's rank-deficient factor scales new directions by up
+      to ``ε^(-1/2)``. Vectors then take Adam (``b1``, ``b2``, ``eps = 1e-8``).
     layout: a full :class:`LayoutConfig`.
     dtype: storage dtype of all state.
     nonfinite: ``"skip"`` or ``"propagate"`` calls with NaN/Inf gradients.
@@ -265,6 +271,7 @@ def adamw_shampoo(
     grafting_type=None,
     eps_mode=eps_mode,
     max_precond_dim=max_precond_dim,
+    precondition_1d=precondition_1d,
     layout=layout,
     dtype=dtype,
     nonfinite=nonfinite,

@@ -15,6 +15,7 @@ a single block; the chassis ``vmap``s them over the stacked blocks of a bucket.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,14 @@ def kron_outer(vectors: Sequence[jax.Array | None], shape: Sequence[int]) -> jax
       view[axis] = shape[axis]
       out = out * vector.reshape(view)
   return jnp.broadcast_to(out, tuple(shape))
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating-point leaf of ``tree`` is finite (one fused reduction)."""
+  flags = [
+    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
+  return jnp.all(jnp.asarray(flags or [True]))
 
 
 def permute_axis(x: jax.Array, permutation: jax.Array | None, axis: int) -> jax.Array:
