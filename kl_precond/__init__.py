@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kl_precond import diagnostics as diagnostics
+from kl_precond import sharding as sharding
 from kl_precond.alias import (
   kl_shampoo,
   kl_soap,

@@ -15,6 +15,11 @@ The layout is static. It is recomputed from shapes at trace time and never store
 
 Blocks of equal shape, factor mask and dtype across the whole pytree form a **bucket**; the
 chassis stacks them on a leading axis so that every per-block computation is one batched call.
+With ``bucket_multiple=k`` a bucket with a Kronecker factor is padded with zero blocks up to a
+multiple of ``k`` rows, so that its state can be sharded evenly over ``k`` devices
+(:mod:`kl_precond.sharding`). A zero block stays in its own row: its factors, bases and moments
+never mix with the real blocks' and its direction is dropped, so padding does not change the
+updates.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class LayoutConfig:
     channels_last: permute 4-D tensors ``(a, b, c, d) -> (a, d, b, c)`` before merging.
     unfactored_axes: ``((order, (axis, ...)), ...)``: in blocks of that order these axes get
       no factor (one-sided Shampoo: ``((2, (1,)),)`` keeps only the left factor of matrices).
+    bucket_multiple: pad every bucket with a Kronecker factor with zero blocks up to a multiple
+      of this many rows (e.g. the size of the mesh axis its state is sharded over); ``1``: none.
   """
 
   max_precond_dim: int = 10000
@@ -52,10 +59,13 @@ class LayoutConfig:
   squeeze: bool = True
   channels_last: bool = False
   unfactored_axes: tuple[tuple[int, tuple[int, ...]], ...] = ()
+  bucket_multiple: int = 1
 
   def __post_init__(self) -> None:
     if not isinstance(self.max_precond_dim, int) or self.max_precond_dim < 1:
       raise ValueError(f"max_precond_dim must be an integer >= 1, got {self.max_precond_dim!r}.")
+    if not isinstance(self.bucket_multiple, int) or self.bucket_multiple < 1:
+      raise ValueError(f"bucket_multiple must be an integer >= 1, got {self.bucket_multiple!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,17 +179,18 @@ class Bucket:
   """Blocks of one shape, factor mask and dtype, stacked on a leading axis.
 
   ``members[j] = (leaf, block)`` says that row ``j`` of the stack is block ``block`` of leaf
-  ``leaf`` (leaves in ``jax.tree`` order).
+  ``leaf`` (leaves in ``jax.tree`` order); ``padding`` zero blocks follow the members.
   """
 
   shape: tuple[int, ...]
   preconditioned: tuple[bool, ...]
   dtype: Any
   members: tuple[tuple[int, int], ...]
+  padding: int = 0
 
   @property
   def size(self) -> int:
-    return len(self.members)
+    return len(self.members) + self.padding
 
   @property
   def numel(self) -> int:
@@ -197,6 +208,11 @@ class TreeLayout:
   where: tuple[tuple[tuple[int, int], ...], ...]
 
 
+def _padding(size: int, mask: tuple[bool, ...], config: LayoutConfig) -> int:
+  """Zero blocks that round a bucket with a Kronecker factor up to ``config.bucket_multiple``."""
+  return -size % config.bucket_multiple if any(mask) else 0
+
+
 def tree_layout(tree: Any, config: LayoutConfig) -> TreeLayout:
   """Computes the static layout of a pytree of arrays (or ``jax.ShapeDtypeStruct``)."""
   leaves, treedef = jax.tree.flatten(tree)
@@ -207,7 +223,8 @@ def tree_layout(tree: Any, config: LayoutConfig) -> TreeLayout:
       key = (block.shape, block.preconditioned, jnp.dtype(leaf.dtype))
       groups.setdefault(key, []).append((i, j))
   buckets = tuple(
-    Bucket(shape, mask, dtype, tuple(members)) for (shape, mask, dtype), members in groups.items()
+    Bucket(shape, mask, dtype, tuple(members), _padding(len(members), mask, config))
+    for (shape, mask, dtype), members in groups.items()
   )
   where: list[list[tuple[int, int]]] = [[(0, 0)] * len(lay.blocks) for lay in layouts]
   for k, bucket in enumerate(buckets):
@@ -217,10 +234,15 @@ def tree_layout(tree: Any, config: LayoutConfig) -> TreeLayout:
 
 
 def gather(tree: Any, layout: TreeLayout) -> tuple[jax.Array, ...]:
-  """Returns one stacked array ``(bucket.size, *bucket.shape)`` per bucket."""
+  """Returns one stacked array ``(bucket.size, *bucket.shape)`` per bucket (padding: zeros)."""
   leaves = layout.treedef.flatten_up_to(tree)
   blocks = [to_blocks(leaf, lay) for leaf, lay in zip(leaves, layout.leaves, strict=True)]
-  return tuple(jnp.stack([blocks[i][j] for i, j in bucket.members]) for bucket in layout.buckets)
+  stacks = []
+  for bucket in layout.buckets:
+    rows = [blocks[i][j] for i, j in bucket.members]
+    padding = [jnp.zeros(bucket.shape, rows[0].dtype)] * bucket.padding
+    stacks.append(jnp.stack(rows + padding))
+  return tuple(stacks)
 
 
 def scatter(stacks: Sequence[jax.Array], layout: TreeLayout) -> Any:

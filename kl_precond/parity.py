@@ -255,7 +255,10 @@ def _meta_grafting(text: str | None) -> tuple[str | None, float, float]:
   }
   if name not in kinds:
     raise Unsupported(f"grafting_config {name} has no kl_precond equivalent")
-  return kinds[name], kwargs.get("beta2", 1.0), kwargs.get("epsilon", 1e-10)
+  kind = kinds[name]
+  # AdaGrad sums (beta2 = 1) and SGD/no grafting have no second-moment EMA: any valid b2 will do.
+  beta2 = kwargs.get("beta2", 0.999) if kind in ("adam", "rmsprop") else 0.999
+  return kind, beta2, kwargs.get("epsilon", 1e-10)
 
 
 def _meta_recipe(kwargs: dict[str, Any]) -> Recipe:

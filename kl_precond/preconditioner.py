@@ -21,6 +21,10 @@ The first call (``first_call``):
 
 Refreshes happen at steps ``t`` with ``t % every == 0 and t > start`` or ``t == start``, where
 ``every`` and ``start`` belong to the basis stage (``start = 0`` by default).
+
+A bucket's state may be sharded on its leading (block) axis (:mod:`kl_precond.sharding`); the
+``vmap``ed refresh is then split across the devices. On a mesh with Explicit axes the update
+runs under ``jax.sharding.auto_axes`` and returns updates and state with their input shardings.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from kl_precond import layout as layout_lib
 from kl_precond import tensor_ops
@@ -128,6 +133,40 @@ def _statistics(
     step == stages.basis.start
   )
   return jax.lax.cond(due, refresh, keep, state)
+
+
+def _explicit_mesh(tree: Any) -> Any:
+  """The context mesh, or else the mesh ``tree`` is typed on, if it has Explicit axes; or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    meshes = (jax.typeof(leaf).sharding.mesh for leaf in jax.tree.leaves(tree))
+    mesh = next((m for m in meshes if not m.empty), mesh)
+  return None if mesh.empty or not mesh.explicit_axes else mesh
+
+
+def on_auto_axes(update_fn: Any) -> Any:
+  """Wraps an optax ``update_fn`` to run with the Explicit axes of a mesh switched to Auto.
+
+  On an Explicit mesh (``jax.make_mesh``'s default) the stacked blocks, Gram matrices, eigh and
+  QR would each need a sharding annotation. Under ``jax.sharding.auto_axes`` XLA propagates the
+  state's block sharding instead, so a bucket sharded on its leading axis is still refreshed
+  block-parallel. The outputs get back the sharding types of the incoming updates and state.
+  Without a mesh, or on Auto axes only, ``update_fn`` is called as it is.
+  """
+
+  def wrapped(updates: Any, state: Any, params: Any = None) -> Any:
+    mesh = _explicit_mesh((updates, state, params))
+    if mesh is None:
+      return update_fn(updates, state, params)
+
+    def sharding_type(x: Any) -> jax.sharding.NamedSharding:
+      sharding = jax.typeof(x).sharding
+      return jax.sharding.NamedSharding(mesh, sharding.spec if sharding.mesh == mesh else P())
+
+    types = jax.tree.map(sharding_type, (updates, state))
+    return jax.sharding.auto_axes(update_fn, out_sharding=types)(updates, state, params)
+
+  return wrapped
 
 
 def scale_by_preconditioner(
@@ -245,4 +284,4 @@ def scale_by_preconditioner(
       updates = jax.tree.map(lambda u: u / (1e-30 + jnp.sqrt(jnp.mean(u**2))), updates)
     return updates, state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, on_auto_axes(update_fn))

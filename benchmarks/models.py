@@ -1,0 +1,435 @@
+"""Benchmark models and the step-timing harness shared by the benchmark programs.
+
+Plain JAX (no Flax), so that the same code runs in this repository's environment (jax 0.10) and in
+the peers' environment (jax 0.5.3, see ``peers.py``):
+
+* ``mlp``: 784-512-512-10 ReLU MLP, softmax cross-entropy, batch 128 (669,706 parameters).
+* ``transformer``: decoder-only LM, 4 pre-LayerNorm blocks, width 256, 4 heads, MLP 1024, fused
+  QKV, learned positions, untied output head, sequence 128, batch 16 (2,048 tokens per step),
+  vocabulary 256 (3,323,648 parameters).
+
+Data is one fixed random batch (timing only). The harness jits ``loss + grad + tx.update +
+apply_updates`` with donated parameters and state, times each call to ``block_until_ready``, and
+interleaves the methods in chunks so that the machine's load drifts affect all of them alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+def _dense(key: jax.Array, d_in: int, d_out: int, std: float = 0.02) -> dict[str, jax.Array]:
+  return {"w": std * jax.random.normal(key, (d_in, d_out)), "b": jnp.zeros((d_out,))}
+
+
+def mlp_init(key: jax.Array, sizes: Sequence[int]) -> dict[str, Any]:
+  keys = jax.random.split(key, len(sizes) - 1)
+  return {
+    f"dense{i}": _dense(k, a, b, std=1 / math.sqrt(a))
+    for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True))
+  }
+
+
+def mlp_loss(params: dict[str, Any], batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+  x, labels = batch
+  layers = [params[f"dense{i}"] for i in range(len(params))]
+  for layer in layers[:-1]:
+    x = jax.nn.relu(x @ layer["w"] + layer["b"])
+  logits = x @ layers[-1]["w"] + layers[-1]["b"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  vocab: int = 256
+  seq_len: int = 128
+  width: int = 256
+  layers: int = 4
+  heads: int = 4
+  mlp_ratio: int = 4
+
+
+def _layer_norm_params(width: int) -> dict[str, jax.Array]:
+  return {"scale": jnp.ones((width,)), "bias": jnp.zeros((width,))}
+
+
+def transformer_init(key: jax.Array, config: TransformerConfig) -> dict[str, Any]:
+  width, hidden = config.width, config.mlp_ratio * config.width
+  keys = iter(jax.random.split(key, 3 + 4 * config.layers))
+  params: dict[str, Any] = {
+    "embed": 0.02 * jax.random.normal(next(keys), (config.vocab, width)),
+    "position": 0.02 * jax.random.normal(next(keys), (config.seq_len, width)),
+  }
+  for i in range(config.layers):
+    params[f"block{i}"] = {
+      "ln1": _layer_norm_params(width),
+      "qkv": _dense(next(keys), width, 3 * width),
+      "out": _dense(next(keys), width, width),
+      "ln2": _layer_norm_params(width),
+      "up": _dense(next(keys), width, hidden),
+      "down": _dense(next(keys), hidden, width),
+    }
+  params["ln_final"] = _layer_norm_params(width)
+  params["head"] = _dense(next(keys), width, config.vocab)
+  return params
+
+
+def _layer_norm(x: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + 1e-6) * p["scale"] + p["bias"]
+
+
+def _attention(x: jax.Array, p: dict[str, Any], heads: int) -> jax.Array:
+  batch, length, width = x.shape
+  qkv = x @ p["qkv"]["w"] + p["qkv"]["b"]
+  q, k, v = (t.reshape(batch, length, heads, width // heads) for t in jnp.split(qkv, 3, -1))
+  scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(width // heads)
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  weights = jax.nn.softmax(jnp.where(causal, scores, -1e9), axis=-1)
+  y = jnp.einsum("bhts,bshd->bthd", weights, v).reshape(batch, length, width)
+  return y @ p["out"]["w"] + p["out"]["b"]
+
+
+def transformer_loss(
+  params: dict[str, Any], batch: jax.Array, config: TransformerConfig
+) -> jax.Array:
+  inputs, targets = batch[:, :-1], batch[:, 1:]
+  x = params["embed"][inputs] + params["position"][: inputs.shape[1]]
+  for i in range(config.layers):
+    p = params[f"block{i}"]
+    x = x + _attention(_layer_norm(x, p["ln1"]), p, config.heads)
+    h = jax.nn.gelu(_layer_norm(x, p["ln2"]) @ p["up"]["w"] + p["up"]["b"])
+    x = x + h @ p["down"]["w"] + p["down"]["b"]
+  logits = _layer_norm(x, params["ln_final"]) @ params["head"]["w"] + params["head"]["b"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A model, its parameters and one fixed batch."""
+
+  name: str
+  description: str
+  params: Any
+  batch: Any
+  loss: Callable[[Any, Any], jax.Array]
+
+  @property
+  def num_params(self) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(self.params)))
+
+
+def make_task(name: str, smoke: bool = False, seed: int = 0) -> Task:
+  """``mlp`` or ``transformer`` at full size, or a tiny version with ``smoke=True``."""
+  init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+  if name == "mlp":
+    sizes, batch = ((64, 32, 10), 16) if smoke else ((784, 512, 512, 10), 128)
+    x_key, y_key = jax.random.split(data_key)
+    data = (
+      jax.random.normal(x_key, (batch, sizes[0])),
+      jax.random.randint(y_key, (batch,), 0, sizes[-1]),
+    )
+    description = f"MLP {'-'.join(map(str, sizes))}, batch {batch}"
+    return Task(name, description, mlp_init(init_key, sizes), data, mlp_loss)
+  if name == "transformer":
+    if smoke:
+      config, batch = TransformerConfig(vocab=64, seq_len=16, width=32, layers=1, heads=2), 2
+    else:
+      config, batch = TransformerConfig(), 16
+    tokens = jax.random.randint(data_key, (batch, config.seq_len + 1), 0, config.vocab)
+    description = (
+      f"decoder LM L{config.layers} d{config.width} H{config.heads} T{config.seq_len} "
+      f"B{batch} V{config.vocab} ({batch * config.seq_len} tokens/step)"
+    )
+
+    def loss(params: Any, data: jax.Array) -> jax.Array:
+      return transformer_loss(params, data, config)
+
+    return Task(name, description, transformer_init(init_key, config), tokens, loss)
+  raise ValueError(f"Unknown task {name!r}; expected 'mlp' or 'transformer'.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------
+
+METHODS = ("adamw", "soap", "kl_soap", "kl_shampoo", "shampoo", "adamw_shampoo")
+LEARNING_RATE = 1e-4  # small enough that no run diverges (kl_precond skips non-finite gradients)
+
+
+def make_optimizer(
+  name: str, frequency: int, max_precond_dim: int, learning_rate: float = LEARNING_RATE
+) -> optax.GradientTransformation:
+  """The named optimizer; ``LookupError`` if this version of kl_precond lacks it.
+
+  kl_precond is imported here, not at the top, so that the peers' environment (which does not
+  have it) can import this module.
+  """
+  if name == "adamw":
+    return optax.adamw(learning_rate)
+  import kl_precond as kp
+
+  options: dict[str, Any] = {
+    "precondition_frequency": frequency,
+    "max_precond_dim": max_precond_dim,
+  }
+  factory = getattr(kp, name, None)
+  if factory is None:
+    raise LookupError(f"kl_precond {kp.__version__} has no `{name}`")
+  if name == "shampoo":  # Adam grafting, whatever the keyword is called in this version
+    keyword = (
+      "grafting_type" if "grafting_type" in inspect.signature(factory).parameters else "grafting"
+    )
+    options[keyword] = "adam"
+  return factory(learning_rate, **options)
+
+
+def sequential_eigh_workaround() -> bool:
+  """Makes kl_precond run its batched eigendecompositions one block at a time (``lax.map``).
+
+  A workaround, off by default, for a deadlock of jaxlib 0.10's CPU runtime: two batched
+  ``eigh`` calls (LAPACK ``syevd`` via ``ParallelBatchMap``) run at once on the two threads of
+  XLA's intra-op pool, each waiting for batch items queued on that same pool; the step never
+  returns. Seen at kl_precond's first call (all methods) and at Shampoo's eigh refreshes. Wraps
+  ``kl_precond.basis._eigh_descending`` (its body unchanged) in a ``custom_vmap`` whose batching
+  rule is ``lax.map``. Returns False if this version of kl_precond has no such function.
+  """
+  from kl_precond import basis
+
+  original = getattr(basis, "_eigh_descending", None)
+  if original is None or getattr(original, "sequential", False):
+    return original is not None
+
+  @jax.custom_batching.custom_vmap
+  def eigh_descending(factor: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return original(factor)
+
+  @eigh_descending.def_vmap
+  def _batched(axis_size: int, in_batched: Any, factor: jax.Array) -> tuple[Any, Any]:
+    del axis_size, in_batched
+    return jax.lax.map(eigh_descending, factor), (True, True)
+
+  eigh_descending.sequential = True
+  basis._eigh_descending = eigh_descending
+  return True
+
+
+def sequential_eigh_active() -> bool:
+  from kl_precond import basis
+
+  return bool(getattr(getattr(basis, "_eigh_descending", None), "sequential", False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Step-timing harness
+# ---------------------------------------------------------------------------------------------
+
+
+def train_step(loss: Callable[[Any, Any], jax.Array], tx: optax.GradientTransformation):
+  """``(params, opt_state, batch) -> (params, opt_state, loss)``: forward, backward, update."""
+
+  def step(params: Any, opt_state: Any, batch: Any) -> tuple[Any, Any, jax.Array]:
+    value, grads = jax.value_and_grad(loss)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  return step
+
+
+HANG_EXIT_CODE = 75
+
+
+class Watchdog:
+  """Ends the process if one call runs longer than ``seconds``.
+
+  XLA's CPU runtime (jaxlib 0.10) sometimes deadlocks: a call never returns from
+  ``block_until_ready`` and cannot be cancelled. The watchdog writes ``{"hung": label}`` to
+  ``report_path`` (if given) and exits with ``HANG_EXIT_CODE``, so that a parent process can
+  record the hang and retry.
+  """
+
+  def __init__(self, seconds: float, report_path: str | None = None):
+    self.seconds, self.report_path = seconds, report_path
+    self.label: str | None = None
+    self.deadline: float | None = None
+    threading.Thread(target=self._watch, daemon=True).start()
+
+  def arm(self, label: str) -> None:
+    self.label, self.deadline = label, time.monotonic() + self.seconds
+
+  def disarm(self) -> None:
+    self.deadline = None
+
+  def _watch(self) -> None:
+    while True:
+      time.sleep(1.0)
+      if self.deadline is not None and time.monotonic() > self.deadline:
+        message = f"{self.label}: no result after {self.seconds:.0f} s (XLA CPU deadlock?)"
+        print(f"[watchdog] {message}", file=sys.stderr, flush=True)
+        if self.report_path:
+          with open(self.report_path, "w") as f:
+            json.dump({"hung": self.label, "error": message}, f)
+        os._exit(HANG_EXIT_CODE)
+
+
+class StepRunner:
+  """One method on one task: its compiled step, its own parameters and state, its timings.
+
+  ``times[i]`` is the wall time of call ``indices[i]`` (0-based calls since ``init``), so that a
+  caller knowing the refresh schedule can pick out refresh steps.
+  """
+
+  def __init__(self, name: str, task: Task, tx: optax.GradientTransformation):
+    self.name = name
+    self.params = jax.tree.map(jnp.array, task.params)  # a private copy: it is donated
+    self.batch = task.batch
+    # Copy every leaf: an ``init`` may return one array in several leaves (kl_precond's three
+    # int32 counters share one zero), which donation rejects ("donate the same buffer twice").
+    self.state = jax.tree.map(lambda x: jnp.array(x, copy=True), tx.init(self.params))
+    start = time.perf_counter()
+    lowered = jax.jit(train_step(task.loss, tx), donate_argnums=(0, 1)).lower(
+      self.params, self.state, self.batch
+    )
+    self.compiled = lowered.compile()
+    self.compile_seconds = time.perf_counter() - start
+    self.calls = 0
+    self.times: list[float] = []
+    self.indices: list[int] = []
+    self.last_loss = float("nan")
+
+  def run(self, steps: int, record: bool = True, watchdog: Watchdog | None = None) -> None:
+    for _ in range(steps):
+      if watchdog:
+        watchdog.arm(f"{self.name} call {self.calls}")
+      start = time.perf_counter()
+      self.params, self.state, loss = self.compiled(self.params, self.state, self.batch)
+      jax.block_until_ready((self.params, self.state, loss))
+      elapsed = time.perf_counter() - start
+      if watchdog:
+        watchdog.disarm()
+      if record:
+        self.times.append(elapsed)
+        self.indices.append(self.calls)
+      self.calls += 1
+    self.last_loss = float(loss) if steps else self.last_loss
+
+
+def run_interleaved(
+  runners: Sequence[StepRunner],
+  warmup: int,
+  steps: int,
+  chunk: int,
+  progress: Callable[[int], None] | None = None,
+  watchdog: Watchdog | None = None,
+) -> None:
+  """Warms every runner up, then times ``steps`` calls of each in chunks of ``chunk`` calls.
+
+  The order of the runners rotates from one round to the next, so no method always runs right
+  after another (or first after a pause).
+  """
+  for runner in runners:
+    runner.run(warmup, record=False, watchdog=watchdog)
+    if progress:
+      progress(warmup)
+  done, round_index = 0, 0
+  while done < steps:
+    size = min(chunk, steps - done)
+    shift = round_index % len(runners)
+    for runner in list(runners[shift:]) + list(runners[:shift]):
+      runner.run(size, watchdog=watchdog)
+      if progress:
+        progress(size)
+    done += size
+    round_index += 1
+
+
+def chunk_medians(runner: StepRunner, chunk: int) -> np.ndarray:
+  """The median step time of each timed chunk (for paired, same-round ratios)."""
+  times = np.asarray(runner.times)
+  return np.asarray([np.median(times[i : i + chunk]) for i in range(0, len(times), chunk)])
+
+
+def summarize(
+  runner: StepRunner,
+  is_refresh: Callable[[int], bool] | None,
+  frequency: int | None,
+) -> dict[str, Any]:
+  """Median / mean / refresh / amortised step time in milliseconds.
+
+  ``amortised_ms = ((f-1)·median(non-refresh) + median(refresh)) / f`` when the refresh steps are
+  known (``is_refresh``), else the measured mean. ``slow_ms`` is the median of the slowest 10% of
+  the steps (the refresh cost when refreshes are every 10 steps and the schedule is unknown).
+  """
+  times = np.asarray(runner.times) * 1e3
+  flags = np.asarray([bool(is_refresh and is_refresh(i)) for i in runner.indices])
+  plain = times[~flags] if (~flags).any() else times
+  refresh = float(np.median(times[flags])) if flags.any() else float("nan")
+  amortised = float(np.mean(times))
+  if flags.any() and frequency:
+    amortised = ((frequency - 1) * float(np.median(plain)) + refresh) / frequency
+  slowest = np.sort(times)[-max(1, len(times) // 10) :]
+  return {
+    "median_ms": float(np.median(times)),
+    "mean_ms": float(np.mean(times)),
+    "median_nonrefresh_ms": float(np.median(plain)),
+    "refresh_ms": refresh,
+    "num_refresh_steps": int(flags.sum()),
+    "amortised_ms": amortised,
+    "slow_ms": float(np.median(slowest)),
+    "min_ms": float(np.min(times)),
+    "compile_s": runner.compile_seconds,
+    "steps_timed": len(times),
+    "final_loss": runner.last_loss,
+  }
+
+
+def environment() -> dict[str, Any]:
+  """What the numbers depend on: versions, CPU count, load, XLA flags."""
+  try:
+    load = os.getloadavg()
+  except OSError:
+    load = (float("nan"),) * 3
+  return {
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "numpy": np.__version__,
+    "python": platform.python_version(),
+    "backend": jax.default_backend(),
+    "cpu_count": os.cpu_count(),
+    "load_average_1_5_15": [round(x, 2) for x in load],
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+  }
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  def cell(value: Any) -> str:
+    if isinstance(value, float):
+      if math.isnan(value):
+        return "–"
+      return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+  lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)

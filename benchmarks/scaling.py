@@ -1,0 +1,344 @@
+"""Refresh scaling over devices: the sharded eigh/QR of a stack of blocks on 1, 2, 4, 8 devices.
+
+The parameters are ``--blocks`` matrices of ``--dim × --dim``, so the optimizer state has one
+bucket of ``--blocks`` blocks, sharded over a 1-D mesh with :mod:`kl_precond.sharding`. With
+``precondition_frequency=1`` every update is a refresh step; two refreshes are timed:
+
+* ``eigh``: Frobenius factors, a full eigendecomposition of both factors of every block
+  (``scale_by_preconditioner(frobenius, eigh_every(1), adam)``, Shampoo's refresh);
+* ``qr``: SOAP, one power step and QR of both factors of every block.
+
+For each device count ``n`` and method it reports:
+
+* ``wall``: median time of one jitted, sharded update on ``n`` fake CPU devices, each count in
+  its own subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count=n`` must be set before
+  JAX starts);
+* ``per_device``: median time of the same update on one device with ``blocks / n`` blocks: the
+  work that one device does in the ``n``-device program, its share of the refresh. On ``n`` real
+  devices the wall time would approach this, plus communication;
+* ``local_batch``: how many blocks each device's decomposition calls take in the compiled HLO
+  (``blocks / n`` when the refresh is split).
+
+**Honest caveats.** Fake CPU devices share the machine's cores (``os.cpu_count()``), so the
+``wall`` time cannot fall below the total work divided by the cores: on a 2-core machine it
+stops improving after 2 devices. The ``per_device`` column is the one that falls. The workers
+set ``OPENBLAS_NUM_THREADS=1``: the fake devices call LAPACK concurrently, and OpenBLAS's own
+threads on top made a 2-device eigh of 16 blocks of 256² take 0.8 to 10 s instead of 0.1 s.
+A sharded run can also **hang** in jaxlib 0.10.2 when there are as many fake devices as cores:
+a batched LAPACK call under ``lax.cond`` (where the chassis refreshes) splits its batch over the
+intra-op thread pool and waits, while every pool thread is itself blocked, in such a call or in
+a collective waiting for the devices that cannot run (on 2 cores: 8 blocks of 256² per device
+hung on 2 devices, 4 per device on 4 devices aborted in XLA's 40 s rendezvous check; one block
+per device, or a few small ones, ran). A worker killed after ``--timeout`` is reported as
+``hung``, one that died as ``aborted``. This is a fake-device artefact of the CPU runtime, not
+a property of the sharding: on real devices each has its own executor.
+
+    python -m benchmarks.scaling                         # devices 1,2,4,8; 16 blocks of 256x256
+    python -m benchmarks.scaling --blocks 8 --steps 5
+    python -m benchmarks.scaling --smoke                 # tiny setting, < 30 s
+
+Writes ``scaling.json``, ``scaling.md`` and ``scaling.png`` to ``--out_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+if __package__ in (None, ""):  # Run as a script: make the repository root importable.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+from absl import app, flags
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+import kl_precond as kp
+from kl_precond import sharding as kps
+
+METHODS = ("eigh", "qr")
+AXIS = "blocks"
+RESULT_PREFIX = "SCALING_RESULT "
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingConfig:
+  """One scaling experiment."""
+
+  devices: tuple[int, ...] = (1, 2, 4, 8)
+  blocks: int = 16
+  dim: int = 256
+  steps: int = 10
+  methods: tuple[str, ...] = METHODS
+  timeout: float = 90.0
+  out_dir: str = "outputs/benchmarks"
+  progress: bool = True
+
+
+SMOKE: dict[str, Any] = {"blocks": 8, "dim": 32, "steps": 3}
+
+
+def _optimizer(method: str) -> Any:
+  if method == "qr":
+    return kp.scale_by_soap(precondition_frequency=1)
+  return kp.scale_by_preconditioner(kp.frobenius(0.95), kp.eigh_every(1), kp.adam(0.95, 0.95))
+
+
+def _params(blocks: int, dim: int) -> dict[str, Any]:
+  keys = jax.random.split(jax.random.key(0), blocks)
+  return {f"w{i:02d}": jax.random.normal(k, (dim, dim)) for i, k in enumerate(keys)}
+
+
+def _median_ms(update: Any, grads: Any, state: Any, params: Any, steps: int) -> float:
+  """Median wall time of ``steps`` refresh steps, after two warm-up calls (compile, first call)."""
+  for _ in range(2):
+    _, state = jax.block_until_ready(update(grads, state, params))
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    _, state = jax.block_until_ready(update(grads, state, params))
+    times.append(1e3 * (time.perf_counter() - start))
+  return statistics.median(times)
+
+
+def _local_batches(compiled_text: str, dim: int) -> list[int]:
+  pattern = rf"f32\[(\d+),{dim},{dim}\][^\n]*custom_call_target=\"lapack_s(?:syevd|geqrf)"
+  return sorted({int(b) for b in re.findall(pattern, compiled_text)})
+
+
+def _emit(row: dict[str, Any]) -> None:
+  print(RESULT_PREFIX + json.dumps(row), flush=True)
+
+
+def measure_sharded(method: str, num_devices: int, config: ScalingConfig) -> None:
+  """Emits the HLO's local batch, then the wall time, of a sharded update on all devices."""
+  tx = _optimizer(method)
+  params = _params(config.blocks, config.dim)
+  mesh = jax.make_mesh((num_devices,), (AXIS,), axis_types=(AxisType.Explicit,))
+  param_shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
+  abstract = jax.eval_shape(tx.init, params)
+  state_shardings = kps.state_shardings(abstract, mesh, AXIS, params=params)
+  params = jax.device_put(params, param_shardings)
+  grads = jax.device_put(jax.tree.map(lambda p: 0.1 * p, params), param_shardings)
+  state = kps.jit_init(tx, param_shardings, state_shardings)(params)
+  update = kps.jit_update(tx, param_shardings, state_shardings)
+  compiled = update.lower(grads, state, params).compile().as_text()
+  key = {"method": method, "devices": num_devices}
+  _emit({**key, "local_batch": _local_batches(compiled, config.dim)})
+  _emit({**key, "wall_ms": _median_ms(update, grads, state, params, config.steps)})
+
+
+def measure_per_device(method: str, num_devices: int, config: ScalingConfig) -> None:
+  """Emits the time of one device's share: the update of ``blocks / n`` blocks on one device."""
+  tx = _optimizer(method)
+  share = _params(config.blocks // num_devices, config.dim)
+  per_device = _median_ms(jax.jit(tx.update), share, tx.init(share), share, config.steps)
+  _emit({"method": method, "devices": num_devices, "per_device_ms": per_device})
+
+
+def _worker(kind: str, num_devices: int, config: ScalingConfig) -> None:
+  """A sharded worker measures its device count; on one device it also measures every share."""
+  if jax.device_count() != num_devices:
+    raise RuntimeError(f"expected {num_devices} devices, got {jax.device_count()}")
+  if kind == "sharded":
+    for method in config.methods:
+      measure_sharded(method, num_devices, config)
+  if num_devices == 1:
+    for n in config.devices:
+      for method in config.methods:
+        measure_per_device(method, n, config)
+
+
+def _run_worker(
+  kind: str, num_devices: int, methods: Sequence[str], config: ScalingConfig, timeout: float
+) -> tuple[list[Any], str, str]:
+  """Runs a worker subprocess for ``methods``.
+
+  Returns:
+    The result rows it printed, its outcome (``ok``, ``hung``: killed after ``timeout``,
+    ``aborted``: a non-zero exit, e.g. XLA's abort after a stuck collective) and its stderr tail.
+  """
+  env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+  env["XLA_FLAGS"] = (
+    f"--xla_force_host_platform_device_count={num_devices} "
+    "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+  )
+  command = [
+    sys.executable, os.path.abspath(__file__), f"--worker={kind}",
+    f"--num_devices={num_devices}", f"--devices={','.join(map(str, config.devices))}",
+    f"--blocks={config.blocks}", f"--dim={config.dim}", f"--steps={config.steps}",
+    f"--methods={','.join(methods)}",
+  ]  # fmt: skip
+  try:
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    stdout, stderr = done.stdout, done.stderr
+    outcome = "ok" if done.returncode == 0 else "aborted"
+  except subprocess.TimeoutExpired as expired:
+    stdout, stderr = _text(expired.stdout), _text(expired.stderr)
+    outcome = "hung"
+  lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+  return [json.loads(line[len(RESULT_PREFIX) :]) for line in lines], outcome, stderr[-2000:]
+
+
+def _text(output: str | bytes | None) -> str:
+  return output.decode() if isinstance(output, bytes) else output or ""
+
+
+def _run_sharded(
+  num_devices: int, config: ScalingConfig, errors: dict[str, str]
+) -> list[dict[str, Any]]:
+  """Runs the sharded worker of one device count; after a hang, again for the methods left."""
+  parts: list[dict[str, Any]] = []
+  remaining = list(config.methods)
+  per_method = config.timeout * (1 + len(config.devices) * (num_devices == 1))
+  while remaining:
+    found, outcome, stderr = _run_worker(
+      "sharded", num_devices, remaining, config, per_method * len(remaining)
+    )
+    parts.extend(found)
+    timed = {p["method"] for p in found if "wall_ms" in p}
+    if outcome == "ok":
+      break
+    stuck = next(m for m in remaining if m not in timed)
+    parts.append({"method": stuck, "devices": num_devices, "wall_status": outcome})
+    errors[f"sharded/{num_devices}/{stuck}"] = f"{outcome}: {stderr}"
+    print(f"warning: {stuck} on {num_devices} devices {outcome}", file=sys.stderr)
+    remaining = remaining[remaining.index(stuck) + 1 :]
+  return parts
+
+
+def _merge(parts: Sequence[dict[str, Any]], config: ScalingConfig) -> list[dict[str, Any]]:
+  rows = {
+    (m, n): {"method": m, "devices": n, "blocks_per_device": config.blocks // n,
+             "local_batch": None, "wall_ms": None, "per_device_ms": None,
+             "wall_status": "not run"}
+    for m in config.methods for n in config.devices
+  }  # fmt: skip
+  for part in parts:
+    rows[part["method"], part["devices"]].update(part)
+  for row in rows.values():
+    if row["wall_ms"] is not None:
+      row["wall_status"] = "ok"
+  return list(rows.values())
+
+
+def _cell(value: float | None, status: str = "failed") -> str:
+  return status if value is None else f"{value:.1f}"
+
+
+def _markdown(rows: Sequence[dict[str, Any]], config: ScalingConfig) -> str:
+  lines = [
+    f"Refresh step (update with precondition_frequency=1) of {config.blocks} blocks of "
+    f"{config.dim}x{config.dim}, median of {config.steps}; {os.cpu_count()} CPU cores shared by "
+    "all fake devices. `hung`: killed after the timeout; `aborted`: the worker died, e.g. XLA's "
+    "abort after a stuck collective (see the module docstring).",
+    "",
+    "| method | devices | blocks/device | local batch (HLO) | wall ms | per-device ms |",
+    "| --- | ---: | ---: | --- | ---: | ---: |",
+  ]
+  for r in rows:
+    batch = "-" if r["local_batch"] is None else ",".join(str(b) for b in r["local_batch"])
+    lines.append(
+      f"| {r['method']} | {r['devices']} | {r['blocks_per_device']} | {batch} | "
+      f"{_cell(r['wall_ms'], r['wall_status'])} | {_cell(r['per_device_ms'])} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def _plot(rows: Sequence[dict[str, Any]], config: ScalingConfig, path: str) -> None:
+  figure = Figure(figsize=(6.4, 4.2))
+  FigureCanvasAgg(figure)
+  axes = figure.add_subplot()
+  for method in config.methods:
+    mine = [r for r in rows if r["method"] == method]
+    for key, style, label in (
+      ("wall_ms", "o-", "wall, shared cores"),
+      ("per_device_ms", "s--", "per device"),
+    ):
+      points = [(r["devices"], r[key]) for r in mine if r[key] is not None]
+      if points:
+        axes.plot(*zip(*points, strict=True), style, label=f"{method}: {label}")
+  axes.set_xscale("log", base=2)
+  axes.set_yscale("log")
+  axes.set_xticks(list(config.devices), [str(d) for d in config.devices])
+  axes.set_xlabel("devices")
+  axes.set_ylabel("refresh step (ms)")
+  axes.set_title(f"{config.blocks} blocks of {config.dim}x{config.dim}, {os.cpu_count()} CPU cores")
+  axes.legend(fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+
+
+def run_experiment(config: ScalingConfig) -> list[dict[str, Any]]:
+  """Runs the workers, writes JSON, markdown and PNG to ``config.out_dir``; returns the rows."""
+  for n in config.devices:
+    if config.blocks % n:
+      raise ValueError(f"--blocks={config.blocks} must divide by every device count, got {n}.")
+  parts: list[dict[str, Any]] = []
+  errors: dict[str, str] = {}
+  for n in tqdm(config.devices, desc="device counts", disable=not config.progress):
+    parts.extend(_run_sharded(n, config, errors))
+  if 1 not in config.devices:
+    budget = config.timeout * len(config.methods) * len(config.devices)
+    found, outcome, stderr = _run_worker("per_device", 1, config.methods, config, budget)
+    parts.extend(found)
+    if outcome != "ok":
+      errors["per_device"] = f"{outcome}: {stderr}"
+  rows = _merge(parts, config)
+  os.makedirs(config.out_dir, exist_ok=True)
+  summary = {
+    "config": dataclasses.asdict(config), "cpu_count": os.cpu_count(), "rows": rows,
+    "errors": errors,
+  }  # fmt: skip
+  with open(os.path.join(config.out_dir, "scaling.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  with open(os.path.join(config.out_dir, "scaling.md"), "w") as f:
+    f.write(_markdown(rows, config))
+  _plot(rows, config, os.path.join(config.out_dir, "scaling.png"))
+  return rows
+
+
+flags.DEFINE_list("devices", ["1", "2", "4", "8"], "Device counts, one subprocess each.")
+flags.DEFINE_integer("steps", 10, "Timed refresh steps per measurement (after two warm-ups).")
+flags.DEFINE_integer("blocks", 16, "Matrices of one shape, i.e. blocks in the bucket.")
+flags.DEFINE_integer("dim", 256, "Side of each square matrix.")
+flags.DEFINE_list("methods", list(METHODS), "Refreshes to time: eigh, qr.")
+flags.DEFINE_float("timeout", 90.0, "Seconds per method before a worker counts as hung.")
+flags.DEFINE_string("out_dir", "outputs/benchmarks", "Output directory.")
+flags.DEFINE_bool("smoke", False, "Tiny setting (8 blocks of 32x32, 3 steps), under 30 s.")
+flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+flags.DEFINE_enum("worker", None, ["sharded", "per_device"], "Internal: run one measurement.")
+flags.DEFINE_integer("num_devices", 1, "Internal: the device count of a --worker run.")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  f = flags.FLAGS
+  for method in f.methods:
+    if method not in METHODS:
+      raise app.UsageError(f"--methods: unknown {method!r}; choose from {METHODS}.")
+  config = ScalingConfig(
+    devices=tuple(int(d) for d in f.devices), blocks=f.blocks, dim=f.dim, steps=f.steps,
+    methods=tuple(f.methods), timeout=f.timeout, out_dir=f.out_dir, progress=f.progress,
+  )  # fmt: skip
+  if f.smoke:
+    config = dataclasses.replace(config, **SMOKE)
+  if f.worker:
+    _worker(f.worker, f.num_devices, config)
+    return
+  print(_markdown(run_experiment(config), config), end="")
+
+
+if __name__ == "__main__":
+  app.run(main)
