@@ -247,7 +247,8 @@ def train_run(
     if step % eval_every == 0 or step == steps or diverged:
       val_loss = float(np.mean([eval_fn(state, *b) for b in val_batches]))
       bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", refresh=False)
-    rows.append(dict(step=step, train_loss=train_loss, val_loss=val_loss, wall=sum(step_seconds)))
+    wall = (rows[-1]["wall"] if rows else 0.0) + step_seconds[-1]
+    rows.append(dict(step=step, train_loss=train_loss, val_loss=val_loss, wall=wall))
     if diverged:
       break
   bar.close()

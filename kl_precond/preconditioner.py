@@ -214,8 +214,8 @@ def scale_by_preconditioner(
   def init_fn(params: Any) -> PreconditionerState:
     tree = layout_lib.tree_layout(params, config)
     buckets = tuple(_init_bucket(stages, bucket) for bucket in tree.buckets)
-    zero = jnp.zeros((), jnp.int32)
-    return PreconditionerState(zero, zero, zero, buckets)
+    # Three distinct buffers, so that donating the state (jit donate_argnums) works.
+    return PreconditionerState(*(jnp.zeros((), jnp.int32) for _ in range(3)), buckets)
 
   def step_fn(
     grads: tuple[jax.Array, ...],
