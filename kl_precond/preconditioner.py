@@ -215,7 +215,8 @@ def scale_by_preconditioner(
     tree = layout_lib.tree_layout(params, config)
     buckets = tuple(_init_bucket(stages, bucket) for bucket in tree.buckets)
     # Three distinct buffers, so that donating the state (jit donate_argnums) works.
-    return PreconditionerState(*(jnp.zeros((), jnp.int32) for _ in range(3)), buckets)
+    count, skipped, failures = (jnp.zeros((), jnp.int32) for _ in range(3))
+    return PreconditionerState(count, skipped, failures, buckets)
 
   def step_fn(
     grads: tuple[jax.Array, ...],
