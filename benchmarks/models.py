@@ -369,6 +369,26 @@ def chunk_medians(runner: StepRunner, chunk: int) -> np.ndarray:
   return np.asarray([np.median(times[i : i + chunk]) for i in range(0, len(times), chunk)])
 
 
+def refresh_schedule(
+  runner: StepRunner, frequency: int, threshold: float = 1.3
+) -> Callable[[int], bool] | None:
+  """The refresh calls, read from the times: ``i % f == r`` for the residue ``r`` of the slowest
+  median, if that median is at least ``threshold`` × the median of the other calls, else None.
+
+  Methods count steps differently (kl_precond's SOAP and KL methods refresh at calls
+  ``i % f == 0``, its Shampoo at ``(i + 1) % f == 0``), so the schedule is found, not assumed.
+  """
+  indices, times = np.asarray(runner.indices), np.asarray(runner.times)
+  if frequency < 2 or len(times) == 0:
+    return None
+  medians = {r: np.median(times[indices % frequency == r]) for r in set(indices % frequency)}
+  phase = max(medians, key=lambda r: medians[r])
+  others = times[indices % frequency != phase]
+  if len(others) == 0 or medians[phase] < threshold * np.median(others):
+    return None
+  return lambda i: i % frequency == phase
+
+
 def summarize(
   runner: StepRunner,
   is_refresh: Callable[[int], bool] | None,
@@ -400,6 +420,16 @@ def summarize(
     "compile_s": runner.compile_seconds,
     "steps_timed": len(times),
     "final_loss": runner.last_loss,
+    "refresh_phase": next(
+      (
+        i % frequency
+        for i in runner.indices
+        if flags.any() and frequency and is_refresh and is_refresh(i)
+      ),
+      None,
+    ),
+    "times_ms": [round(float(t), 3) for t in times],
+    "call_indices": list(runner.indices),
   }
 
 

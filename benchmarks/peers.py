@@ -176,9 +176,13 @@ def worker(
     result["traceback"] = traceback.format_exc()[-3000:]
     return result
   bar.close()
-  is_refresh = (lambda i: i > 0 and i % frequency == 0) if peer.startswith("dist_") else None
+  # Only Shampoo refreshes periodically; PSGD's updates are random (no schedule to find).
   summaries = {
-    r.name: models.summarize(r, is_refresh if r.name != "adamw" else None, frequency)
+    r.name: models.summarize(
+      r,
+      models.refresh_schedule(r, frequency) if r.name.startswith("dist_") else None,
+      frequency,
+    )
     for r in runners
   }
   for summary in summaries.values():

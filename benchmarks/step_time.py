@@ -78,13 +78,6 @@ _SEQUENTIAL_EIGH = flags.DEFINE_bool(
 )
 
 
-def is_refresh_call(method: str, frequency: int):
-  """Call ``i`` (0-based since init) refreshes when ``i % f == 0``; call 0 builds the bases."""
-  if method == "adamw":
-    return None
-  return lambda i: i > 0 and i % frequency == 0
-
-
 def timed_steps(frequency: int, steps: int, min_steps: int) -> int:
   if steps > 0:
     return steps
@@ -125,7 +118,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
   models.run_interleaved(runners, warmup, steps, spec["chunk"], bar.update, watchdog)
   bar.close()
   results = {
-    r.name: models.summarize(r, is_refresh_call(r.name, frequency), frequency) for r in runners
+    r.name: models.summarize(
+      r, None if r.name == "adamw" else models.refresh_schedule(r, frequency), frequency
+    )
+    for r in runners
   }
   _add_ratios(results, runners, spec["chunk"])
   return {
