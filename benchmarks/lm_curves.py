@@ -40,25 +40,20 @@ from tqdm import tqdm
 from benchmarks import lm_data, lm_model
 
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-MIN_CPU_POOL_THREADS = 8
 
 
 def apply_cpu_workarounds() -> None:
   """XLA:CPU settings for jaxlib 0.10; must run before JAX's first computation.
 
-  * Batched LAPACK kernels (the preconditioners' eigh and QR) split their batch over XLA's
-    intra-op thread pool and block until it is done. When as many of them run at once as the
-    pool has threads (two on a 2-core machine), no thread is left to do the work and the step
-    never returns. ``PJRT_NPROC`` sizes the pool; ``MIN_CPU_POOL_THREADS`` covers this model's
-    refresh (six eigh or QR calls at once).
-  * Those kernels call scipy's OpenBLAS, whose own threads then oversubscribe the cores: a
-    refresh step took 1-16 s instead of 0.2 s here. ``OPENBLAS_NUM_THREADS=1`` avoids that.
-  * ``CPU_SCHEDULER_FLAG``: the repository's other known CPU hang workaround.
+  * jaxlib's batched LAPACK kernels (the preconditioners' eigh and QR) call scipy's OpenBLAS,
+    whose own threads then oversubscribe the cores: a refresh step took 1-16 s instead of 0.2 s
+    here. ``OPENBLAS_NUM_THREADS=1`` avoids that (XLA already spreads the batch over its pool).
+  * ``CPU_SCHEDULER_FLAG``: the repository's known CPU hang workaround (env_baseline §2.2).
+    The eigh deadlock that once needed a larger pool (``PJRT_NPROC``) is fixed in the chassis,
+    which runs the decompositions of a step one after another (``kl_precond.tensor_ops.after``).
 
   Values the user already set are kept; none of this affects GPU or TPU computations.
   """
-  if "PJRT_NPROC" not in os.environ and "NPROC" not in os.environ:
-    os.environ["PJRT_NPROC"] = str(max(MIN_CPU_POOL_THREADS, os.cpu_count() or 1))
   os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
   xla_flags = os.environ.get("XLA_FLAGS", "")
   if "concurrency_optimized_scheduler" not in xla_flags:

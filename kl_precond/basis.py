@@ -84,6 +84,7 @@ class Refresh:
         bases.append(None)
         values.append(None)
         continue
+      factor = tensor_ops.after(factor, bases)  # one decomposition at a time (tensor_ops.after)
       if self.relative_ridge:
         eigenvalues, basis = _eigh_descending(factor)
         eigenvalues = eigenvalues + self.ridge * jnp.max(eigenvalues)
@@ -126,6 +127,7 @@ class Refresh:
         bases.append(None)
         permutations.append(None)
         continue
+      factor = tensor_ops.after(factor, bases)  # one decomposition at a time (tensor_ops.after)
       dtype = _compute_dtype(factor.dtype)
       matrix, current = factor.astype(dtype), basis.astype(dtype)
       order = None

@@ -85,13 +85,19 @@ def _init_bucket(stages: _Stages, bucket: layout_lib.Bucket) -> BucketState:
 
 
 def _first(
-  stages: _Stages, bucket: layout_lib.Bucket, grads: jax.Array, state: BucketState, step: Any
+  stages: _Stages,
+  bucket: layout_lib.Bucket,
+  grads: jax.Array,
+  state: BucketState,
+  step: Any,
+  after: Any = None,
 ) -> BucketState:
-  """First call: factors from the gradient, then the first (eigh) basis."""
+  """First call: factors from the gradient, then the first (eigh) basis, once ``after`` is done."""
   if not any(bucket.preconditioned):
     return state
   estimator = jax.vmap(stages.estimator.first)(grads, state.estimator)
   factors = jax.vmap(stages.estimator.factors, in_axes=(0, None))(estimator, step)
+  factors = tensor_ops.after(factors, after)
   basis = jax.vmap(stages.basis.first)(factors, state.basis)
   return state._replace(estimator=estimator, basis=basis)
 
@@ -111,9 +117,15 @@ def _direction(
 
 
 def _statistics(
-  stages: _Stages, bucket: layout_lib.Bucket, grads: jax.Array, state: BucketState, step: Any
+  stages: _Stages,
+  bucket: layout_lib.Bucket,
+  grads: jax.Array,
+  state: BucketState,
+  step: Any,
+  after: Any = None,
 ) -> tuple[BucketState, jax.Array]:
-  """Folds the gradient into the factors, then refreshes the basis on refresh steps."""
+  """Folds the gradient into the factors, then refreshes the basis on refresh steps (the
+  decompositions wait for ``after``: see ``tensor_ops.after``)."""
   if not any(bucket.preconditioned):
     return state, jnp.zeros((), jnp.int32)
   estimator = jax.vmap(stages.estimator.update)(grads, state.estimator, state.basis.bases)
@@ -122,6 +134,7 @@ def _statistics(
 
   def refresh(state: BucketState) -> tuple[BucketState, jax.Array]:
     factors = jax.vmap(stages.estimator.factors, in_axes=(0, None))(state.estimator, step)
+    factors = tensor_ops.after(factors, after)
     basis, permutations, failed = jax.vmap(stages.basis.refresh)(factors, state.basis)
     rotated = jax.vmap(scaling.rotate)(state.scaling, state.basis.bases, basis.bases, permutations)
     return state._replace(basis=basis, scaling=rotated), jnp.sum(failed, dtype=jnp.int32)
@@ -226,18 +239,22 @@ def scale_by_preconditioner(
     first: bool,
   ) -> tuple[Any, Any, jax.Array]:
     """One call. ``first``: build the basis from this gradient (it is folded in already)."""
-    directions, new_buckets, failures = [], [], jnp.zeros((), jnp.int32)
+    directions: list[jax.Array] = []
+    new_buckets: list[BucketState] = []
+    failures = jnp.zeros((), jnp.int32)
     for bucket, grad, state in zip(tree.buckets, grads, buckets, strict=True):
+      # Buckets decompose their factors one after another (see tensor_ops.after).
+      previous = [b.basis for b in new_buckets]
       if first:
-        state = _first(stages, bucket, grad, state, step)
+        state = _first(stages, bucket, grad, state, step, previous)
       elif statistics_first:
-        state, failed = _statistics(stages, bucket, grad, state, step)
+        state, failed = _statistics(stages, bucket, grad, state, step, previous)
         failures += failed
       direction = jnp.zeros_like(grad)
       if not (first and first_call == "init_only"):
         direction, state = _direction(stages, bucket, grad, state, step)
       if not first and not statistics_first:
-        state, failed = _statistics(stages, bucket, grad, state, step)
+        state, failed = _statistics(stages, bucket, grad, state, step, previous)
         failures += failed
       directions.append(direction.astype(grad.dtype))
       new_buckets.append(state)

@@ -78,3 +78,29 @@ def permute_axis(x: jax.Array, permutation: jax.Array | None, axis: int) -> jax.
   if permutation is None:
     return x
   return jnp.take(x, permutation, axis=axis)
+
+
+def after(x: Any, dependency: Any) -> Any:
+  """``x``, computed only once ``dependency`` is: a real data dependency that changes no value.
+
+  The chassis runs the decompositions of a step (``eigh``/``qr`` of every factor and bucket) one
+  after another with it. On CPU, jaxlib runs a batched ``eigh`` as LAPACK calls spread over
+  XLA's intra-op thread pool and blocks a pool thread until they finish; two such calls running
+  at once each hold a thread while waiting for work queued behind the other, and the step never
+  returns (jaxlib 0.10 on 2 cores). ``jax.lax.optimization_barrier`` does not order them (XLA's
+  CPU runtime orders work by buffer use, and the barrier only aliases its operands), so ``x`` is
+  passed through a select on one element of the dependency, ``where(not d > inf, x, 0)``, which is
+  true for every ``d``, NaN included. It costs one elementwise pass over ``x``, none of the
+  parallelism within a batched decomposition.
+  """
+  anchors = [
+    jnp.ravel(leaf)[0]
+    for leaf in jax.tree.leaves(dependency)
+    if jnp.issubdtype(leaf.dtype, jnp.inexact) and leaf.size
+  ]
+  if not anchors:
+    return x
+  keep = jnp.logical_not(
+    jnp.stack([jnp.real(a).astype(jnp.float32) for a in anchors]).max() > jnp.inf
+  )
+  return jax.tree.map(lambda a: jnp.where(keep, a, jnp.zeros_like(a)), x)
