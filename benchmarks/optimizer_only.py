@@ -133,9 +133,16 @@ class Job:
 
 
 def _update_job(name: str, tx: Any, params: Any, grads: Any) -> Job:
+  # The gradient and parameters are arguments (a closed-over constant lets XLA fold the Gram products at
+  # compile time) and the updates are returned (else the unprojection is dead code).
   state = jax.tree.map(lambda x: jnp.array(x, copy=True), tx.init(params))
-  update = jax.jit(lambda state: tx.update(grads, state, params)[1], donate_argnums=(0,))
-  return Job(name, update, state)
+
+  def step(state: Any, grads: Any, params: Any) -> tuple[Any, Any]:
+    updates, state = tx.update(grads, state, params)
+    return state, updates
+
+  update = jax.jit(step, donate_argnums=(0,))
+  return Job(name, lambda carry: update(carry[0], grads, params), (state, None))
 
 
 def _linalg_jobs(n: int, key: jax.Array) -> list[Job]:

@@ -130,12 +130,15 @@ class Refresh:
       factor = tensor_ops.after(factor, bases)  # one decomposition at a time (tensor_ops.after)
       dtype = _compute_dtype(factor.dtype)
       matrix, current = factor.astype(dtype), basis.astype(dtype)
+      # One product F Q serves both the sort (diag(QᵀFQ) = column sums of Q ⊙ FQ) and the
+      # power step (F Q_π = (F Q)_π).
+      power = matrix @ current
       order = None
       if self.sort:
-        estimates = jnp.einsum("ij,ik,kj->j", current, matrix, current)
+        estimates = jnp.sum(current * power, axis=0)
         order = jnp.argsort(-estimates, stable=True)
-        current = current[:, order]
-      new_basis, _ = jnp.linalg.qr(matrix @ current)
+        power = power[:, order]
+      new_basis, _ = jnp.linalg.qr(power)
       bases.append(new_basis.astype(basis.dtype))
       permutations.append(order)
     return BasisState(tuple(bases), state.eigenvalues), tuple(permutations)
