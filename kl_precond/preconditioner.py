@@ -295,7 +295,8 @@ def scale_by_preconditioner(
       ok = tensor_ops.all_finite(grads) & (
         tensor_ops.all_finite((new[0], new[1].buckets)) | ~healthy
       )
-      new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, skip(state))
+      # A conditional, not an elementwise select: the state is not read a second time.
+      new = jax.lax.cond(ok, lambda: new, lambda: skip(state))
     directions, state = new
     updates = layout_lib.scatter(directions, tree)
     if normalize_grads:
