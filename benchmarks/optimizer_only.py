@@ -64,10 +64,10 @@ NEVER = 10**9  # a precondition_frequency that never refreshes within a benchmar
 #     statistics: G Gᵀ (left), Gᵀ G (right)                 → 3(left + right) = 6mn(m+n)
 #   KL-SOAP (kl + qr_every + adam):
 #     direction: project G, unproject (2 × (left + right))
-#     estimator: project G again for the eigenvalue EMA (left + right; the same product as the
-#       direction's, which XLA may or may not merge), whiten G by Q_R diag(s_R) (right) then
-#       Gram (left); whiten by Q_L diag(s_L) (left) then Gram (right)
-#                                                           → 5(left + right) = 10mn(m+n)
+#     estimator: project G again for the eigenvalue EMA (the same product as the direction's:
+#       XLA merges the two, the compiled update of one matrix has 2 dots more than SOAP's, not
+#       4), whiten G by Q_R diag(s_R) (right) then Gram (left); whiten by Q_L diag(s_L) (left)
+#       then Gram (right)                                   → 4(left + right) = 8mn(m+n)
 #   KL-Shampoo (kl + qr_every + kronecker_eigenvalues):
 #     direction: project the momentum, unproject (2 × (left + right)); estimator as KL-SOAP
 #                                                           → 5(left + right) = 10mn(m+n)
@@ -78,13 +78,13 @@ NEVER = 10**9  # a precondition_frequency that never refreshes within a benchmar
 FLOP_COUNTS = {
   "adamw": 0,
   "soap": 3,
-  "kl_soap": 5,
+  "kl_soap": 4,
   "kl_shampoo": 5,
   "shampoo": 3,
   "adamw_shampoo": 3,
 }
 COUNT_NOTES = {
-  "kl_soap": "the estimator's projection of G repeats the direction's (4 pairs if merged)",
+  "kl_soap": "the estimator's projection of G is the direction's, merged by XLA",
   "shampoo": "count assumed (frobenius statistics + eigenvalue scaling), not read from code",
   "adamw_shampoo": "count assumed (frobenius statistics + eigenvalue scaling), not read from code",
 }

@@ -291,9 +291,11 @@ def scale_by_preconditioner(
     if nonfinite == "skip":
       # A finite gradient can still overflow the statistics, so the new state is checked too
       # (unless it was not finite before this call: then the basis stage's guard handles it).
-      healthy = tensor_ops.all_finite(state.buckets)
-      ok = tensor_ops.all_finite(grads) & (
-        tensor_ops.all_finite((new[0], new[1].buckets)) | ~healthy
+      # The old state is only read when the new one is not finite (rarely).
+      ok = tensor_ops.all_finite(grads) & jax.lax.cond(
+        tensor_ops.all_finite((new[0], new[1].buckets)),
+        lambda: jnp.asarray(True),
+        lambda: ~tensor_ops.all_finite(state.buckets),
       )
       # A conditional, not an elementwise select: the state is not read a second time.
       new = jax.lax.cond(ok, lambda: new, lambda: skip(state))
