@@ -242,9 +242,10 @@ def scale_by_preconditioner(
     directions: list[jax.Array] = []
     new_buckets: list[BucketState] = []
     failures = jnp.zeros((), jnp.int32)
+    # Buckets decompose their factors one after another (see tensor_ops.after): each waits for
+    # the basis of the last bucket that has one, which waited for its predecessor.
+    previous: Any = None
     for bucket, grad, state in zip(tree.buckets, grads, buckets, strict=True):
-      # Buckets decompose their factors one after another (see tensor_ops.after).
-      previous = [b.basis for b in new_buckets]
       if first:
         state = _first(stages, bucket, grad, state, step, previous)
       elif statistics_first:
@@ -258,6 +259,8 @@ def scale_by_preconditioner(
         failures += failed
       directions.append(direction.astype(grad.dtype))
       new_buckets.append(state)
+      if jax.tree.leaves(state.basis):
+        previous = state.basis
     return tuple(directions), tuple(new_buckets), failures
 
   def update_fn(
