@@ -66,9 +66,15 @@ class Frobenius:
     """Builds the factors from the first gradient: ``F_i = (1-β) G_(i) G_(i)ᵀ``."""
     return self.update(grad, state, (None,) * grad.ndim)
 
-  def update(self, grad: jax.Array, state: FrobeniusState, bases: Scales) -> FrobeniusState:
-    """Folds one gradient block into the factors; ``bases`` is unused."""
-    del bases
+  def update(
+    self, grad: jax.Array, state: FrobeniusState, bases: Scales, initial: Any = None
+  ) -> FrobeniusState:
+    """Folds one gradient block into the factors; ``bases`` is unused.
+
+    ``initial`` (a flag, possibly traced) marks the first call; from the zero initial state the
+    update already equals :meth:`first`, so it is unused too.
+    """
+    del bases, initial
     factors = tuple(
       None
       if factor is None
@@ -191,18 +197,29 @@ class KL:
     total = self.damping * math.prod(traces)
     return [total / tau for tau in traces]
 
-  def update(self, grad: jax.Array, state: KLState, bases: Scales) -> KLState:
+  def update(self, grad: jax.Array, state: KLState, bases: Scales, initial: Any = None) -> KLState:
     """Folds one gradient block into the factors and the eigenvalue estimates.
 
     Order 3 follows the reference's sequential mode order exactly (factor 3, factor 2, ``s_3``,
     ``s_2`` with the new ``s_3``, factor 1 with the new ``s_2`` and old ``s_3``, ``s_1``). Every
     other order uses only the old estimates on the right-hand sides (Jacobi), which is what the
     reference does for matrices.
+
+    Where the flag ``initial`` (possibly traced) is set, this is :meth:`first` instead (the
+    state must be the initial one, whose bases are the identity): the factors fold the raw
+    gradient (no whitening) and the eigenvalue estimates are left as they are. Selecting the
+    whitening scales, not the branch, keeps the projection of ``G`` shared with the direction.
     """
     factors, roots = list(state.factors), list(state.inverse_roots)
     dtype = jnp.promote_types(grad.dtype, jnp.float32)
     grad = grad.astype(dtype)
     roots = [None if r is None else r.astype(dtype) for r in roots]
+
+    def whitening(scales: list[Any]) -> list[Any]:
+      if initial is None:
+        return scales
+      return [None if r is None else jnp.where(initial, jnp.ones_like(r), r) for r in scales]
+
     projected = tensor_ops.project(grad, bases)
     dampings = self._dampings(roots)
     active = [axis for axis, f in enumerate(factors) if f is not None]
@@ -211,7 +228,7 @@ class KL:
       for axis in (2, 1):
         factor = factors[axis]
         if factor is not None:
-          factors[axis] = self._update_factor(grad, factor, bases, old, axis)
+          factors[axis] = self._update_factor(grad, factor, bases, whitening(old), axis)
       for axis in (2, 1):
         if roots[axis] is not None:
           roots[axis] = self._update_root(
@@ -220,15 +237,20 @@ class KL:
       first_factor = factors[0]
       if first_factor is not None:
         mixed = [old[0], roots[1], old[2]]
-        factors[0] = self._update_factor(grad, first_factor, bases, mixed, 0)
+        factors[0] = self._update_factor(grad, first_factor, bases, whitening(mixed), 0)
         roots[0] = self._update_root(projected, mixed, 0, dampings[0])
     else:
       old = list(roots)
       for axis in active:
         factor = factors[axis]
         assert factor is not None
-        factors[axis] = self._update_factor(grad, factor, bases, old, axis)
+        factors[axis] = self._update_factor(grad, factor, bases, whitening(old), axis)
         roots[axis] = self._update_root(projected, old, axis, dampings[axis])
+    if initial is not None:
+      roots = [
+        None if r is None or o is None else jnp.where(initial, o, r)
+        for r, o in zip(roots, state.inverse_roots, strict=True)
+      ]
     stored = tuple(
       None if r is None or s is None else r.astype(s.dtype)
       for r, s in zip(roots, state.inverse_roots, strict=True)

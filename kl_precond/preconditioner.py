@@ -103,8 +103,15 @@ def _first(
 
 
 def _direction(
-  stages: _Stages, bucket: layout_lib.Bucket, grads: jax.Array, state: BucketState, step: Any
+  stages: _Stages,
+  bucket: layout_lib.Bucket,
+  grads: jax.Array,
+  state: BucketState,
+  step: Any,
+  initial: Any = None,
 ) -> tuple[jax.Array, BucketState]:
+  """The scaling stage's direction; where the traced flag ``initial`` is set (the first call of
+  ``first_call="init_only"``) the direction is zero and the scaling state is left as it was."""
   scaling = stages.scaling_for(bucket)
   if any(bucket.preconditioned):
     eigenvalues = jax.vmap(stages.estimator.eigenvalues)(state.estimator, state.basis)
@@ -113,6 +120,12 @@ def _direction(
   direction, scaling_state = jax.vmap(scaling.update, in_axes=(0, 0, 0, 0, None))(
     grads, state.scaling, state.basis.bases, eigenvalues, step
   )
+  if initial is not None:
+    # Elementwise selects fuse with the moment updates; a conditional would copy the state.
+    direction = jnp.where(initial, jnp.zeros_like(direction), direction)
+    scaling_state = jax.tree.map(
+      lambda new, old: jnp.where(initial, old, new), scaling_state, state.scaling
+    )
   return direction, state._replace(scaling=scaling_state)
 
 
@@ -123,29 +136,48 @@ def _statistics(
   state: BucketState,
   step: Any,
   after: Any = None,
+  initial: Any = None,
 ) -> tuple[BucketState, jax.Array]:
   """Folds the gradient into the factors, then refreshes the basis on refresh steps (the
-  decompositions wait for ``after``: see ``tensor_ops.after``)."""
+  decompositions wait for ``after``: see ``tensor_ops.after``).
+
+  Where the traced flag ``initial`` is set (the first call of ``first_call="init_only"``), the
+  estimator's ``update`` acts as its ``first`` and the first basis comes from ``basis.first``:
+  one more branch of the same switch, so the first call costs nothing on later steps.
+  """
   if not any(bucket.preconditioned):
     return state, jnp.zeros((), jnp.int32)
-  estimator = jax.vmap(stages.estimator.update)(grads, state.estimator, state.basis.bases)
-  state = state._replace(estimator=estimator)
   scaling = stages.scaling_for(bucket)
 
-  def refresh(state: BucketState) -> tuple[BucketState, jax.Array]:
-    factors = jax.vmap(stages.estimator.factors, in_axes=(0, None))(state.estimator, step)
-    factors = tensor_ops.after(factors, after)
-    basis, permutations, failed = jax.vmap(stages.basis.refresh)(factors, state.basis)
-    rotated = jax.vmap(scaling.rotate)(state.scaling, state.basis.bases, basis.bases, permutations)
-    return state._replace(basis=basis, scaling=rotated), jnp.sum(failed, dtype=jnp.int32)
+  # On the first call ``update`` acts as ``first`` (the estimator selects, elementwise): a
+  # conditional here would hide the gradient's projection from the direction's (no sharing).
+  fold = jax.vmap(stages.estimator.update, in_axes=(0, 0, 0, None))
+  estimator = fold(grads, state.estimator, state.basis.bases, initial)
+  state = state._replace(estimator=estimator)
+
+  def factors(state: BucketState) -> Any:
+    values = jax.vmap(stages.estimator.factors, in_axes=(0, None))(state.estimator, step)
+    return tensor_ops.after(values, after)
 
   def keep(state: BucketState) -> tuple[BucketState, jax.Array]:
     return state, jnp.zeros((), jnp.int32)
 
+  def refresh(state: BucketState) -> tuple[BucketState, jax.Array]:
+    basis, permutations, failed = jax.vmap(stages.basis.refresh)(factors(state), state.basis)
+    rotated = jax.vmap(scaling.rotate)(state.scaling, state.basis.bases, basis.bases, permutations)
+    return state._replace(basis=basis, scaling=rotated), jnp.sum(failed, dtype=jnp.int32)
+
+  def build(state: BucketState) -> tuple[BucketState, jax.Array]:
+    basis = jax.vmap(stages.basis.first)(factors(state), state.basis)
+    return state._replace(basis=basis), jnp.zeros((), jnp.int32)
+
   due = (step % stages.basis.every == 0) & (step > stages.basis.start) | (
     step == stages.basis.start
   )
-  return jax.lax.cond(due, refresh, keep, state)
+  if initial is None:
+    return jax.lax.cond(due, refresh, keep, state)
+  index = jnp.where(initial, 2, due.astype(jnp.int32))
+  return jax.lax.switch(index, (keep, refresh, build), state)
 
 
 def _explicit_mesh(tree: Any) -> Any:
@@ -236,9 +268,11 @@ def scale_by_preconditioner(
     buckets: tuple[BucketState, ...],
     step: Any,
     tree: layout_lib.TreeLayout,
-    first: bool,
+    first: Any,
   ) -> tuple[Any, Any, jax.Array]:
-    """One call. ``first``: build the basis from this gradient (it is folded in already)."""
+    """One call. ``first``: ``True``/``False`` (static: the branches of ``"precondition"``'s
+    first-call conditional), or a traced flag (``"init_only"``: see ``_statistics``)."""
+    initial = None if isinstance(first, bool) else first
     directions: list[jax.Array] = []
     new_buckets: list[BucketState] = []
     failures = jnp.zeros((), jnp.int32)
@@ -246,16 +280,14 @@ def scale_by_preconditioner(
     # the basis of the last bucket that has one, which waited for its predecessor.
     previous: Any = None
     for bucket, grad, state in zip(tree.buckets, grads, buckets, strict=True):
-      if first:
+      if first is True:
         state = _first(stages, bucket, grad, state, step, previous)
       elif statistics_first:
-        state, failed = _statistics(stages, bucket, grad, state, step, previous)
+        state, failed = _statistics(stages, bucket, grad, state, step, previous, initial)
         failures += failed
-      direction = jnp.zeros_like(grad)
-      if not (first and first_call == "init_only"):
-        direction, state = _direction(stages, bucket, grad, state, step)
-      if not first and not statistics_first:
-        state, failed = _statistics(stages, bucket, grad, state, step, previous)
+      direction, state = _direction(stages, bucket, grad, state, step, initial)
+      if first is not True and not statistics_first:
+        state, failed = _statistics(stages, bucket, grad, state, step, previous, initial)
         failures += failed
       directions.append(direction.astype(grad.dtype))
       new_buckets.append(state)
@@ -275,6 +307,13 @@ def scale_by_preconditioner(
     def accept(state: PreconditionerState) -> tuple[Any, PreconditionerState]:
       if first_call == "identity":
         directions, buckets, failures = step_fn(grads, state.buckets, step, tree, first=False)
+      elif first_call == "init_only":
+        # No conditional around the whole step (XLA would copy the state through it): the first
+        # call is a branch of each bucket's refresh switch, and its direction is masked.
+        initial = state.count == 0
+        directions, buckets, failures = step_fn(
+          grads, state.buckets, jnp.maximum(step, 1), tree, first=initial
+        )
       else:
         directions, buckets, failures = jax.lax.cond(
           state.count == 0,
