@@ -85,6 +85,11 @@ class Frobenius:
     )
     return FrobeniusState(factors)
 
+  def gain(self, state: FrobeniusState) -> jax.Array:
+    """Bound on ``|entry| / ‖G‖²`` of the statistics an update writes: ``|(GGᵀ)_ij| ≤ ‖G‖²``."""
+    del state
+    return jnp.ones(())
+
   def factors(self, state: FrobeniusState, step: jax.Array) -> Factors:
     """The factors the basis is computed from (divided by ``1 - βᵗ`` with bias correction)."""
     if not self.bias_correction:
@@ -256,6 +261,25 @@ class KL:
       for r, s in zip(roots, state.inverse_roots, strict=True)
     )
     return KLState(tuple(factors), stored)
+
+  def gain(self, state: KLState) -> jax.Array:
+    """Bound on ``|entry| / ‖G‖²`` of the statistics an update writes.
+
+    The whitened gradient is ``G ×_j (Q_j diag s_j)ᵀ``, so every factor entry and eigenvalue
+    target is at most ``‖G‖² Π_j max(1, max s_j)²``; with clamping, ``s_j`` (old or new) never
+    exceeds the clamp ceiling of its axis, a bound that needs no state.
+    """
+    gain = jnp.ones((), jnp.float32)
+    for root in state.inverse_roots:
+      if root is None:
+        continue
+      if self.max_clamp_value is not None:
+        dim = root.shape[0]
+        peak = jnp.maximum(10.0, jnp.minimum(float(dim), self.max_clamp_value))
+      else:
+        peak = jnp.max(jnp.abs(root.astype(jnp.float32)))
+      gain = gain * jnp.maximum(1.0, peak) ** 2
+    return jnp.where(jnp.isfinite(gain), gain, 1.0)
 
   def factors(self, state: KLState, step: jax.Array) -> Factors:
     del step

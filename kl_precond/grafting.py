@@ -66,9 +66,11 @@ def graft(
     start_preconditioning_step: ``t_0``: before it (counting calls from 1) the update is
       ``magnitude``'s own.
     eps: added to the direction's norm.
-    nonfinite: ``"skip"``: a call with a NaN/Inf gradient, or one that would make the
-      magnitude's finite state non-finite, returns zeros and keeps the magnitude's state and the
-      step counter (the direction handles its own state); ``"propagate"``: no check.
+    nonfinite: ``"skip"``: a call with a NaN/Inf gradient, or one whose squared norm (of any
+      tensor) exceeds the range of the magnitude's state dtype, so that its moments could
+      overflow, returns zeros and keeps the magnitude's state and the step counter (the direction
+      handles its own state); a float16 magnitude state is instead checked after the step.
+      ``"propagate"``: no check.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -95,15 +97,41 @@ def graft(
     ]
     return layout_lib.from_blocks(blocks, tensor)
 
-  def update_fn(updates: Any, state: GraftState, params: Any = None) -> tuple[Any, GraftState]:
-    d, direction_state = direction.update(updates, state.direction, params)
-    m, magnitude_state = magnitude.update(updates, state.magnitude, params)
+  def graft_update(d: Any, m: Any, count: jax.Array) -> Any:
     grafted = jax.tree.map(rescale_leaf, d, m)
-    preconditioning = state.count + 1 >= start_preconditioning_step
-    out = jax.tree.map(lambda g, mm: jnp.where(preconditioning, g, mm), grafted, m)
+    preconditioning = count + 1 >= start_preconditioning_step
+    return jax.tree.map(lambda g, mm: jnp.where(preconditioning, g, mm), grafted, m)
+
+  def update_fn(updates: Any, state: GraftState, params: Any = None) -> tuple[Any, GraftState]:
+    # The direction guards its own state (it is never passed through a conditional here).
+    d, direction_state = direction.update(updates, state.direction, params)
+    if nonfinite == "skip" and not tensor_ops.narrower_than_float32(state.magnitude):
+      # Decided from the gradient alone, before the magnitude step.
+      ok = jnp.all(
+        jnp.asarray(
+          [tensor_ops.within_range(g[None], 1.0, state.magnitude) for g in jax.tree.leaves(updates)]
+          or [True]
+        )
+      )
+
+      # Known before the step, the flag's selects fuse into the moment updates (one pass).
+      m, new_magnitude = magnitude.update(updates, state.magnitude, params)
+      out = graft_update(d, m, state.count)
+      out = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), out)
+      magnitude_state = jax.tree.map(
+        lambda n, o: jnp.where(ok, n, o), new_magnitude, state.magnitude
+      )
+      count = jnp.where(ok, optax.safe_increment(state.count), state.count)
+      # A non-finite step from finite state (only with graft eps = 0): a zero update.
+      finite = tensor_ops.all_finite(out)
+      out = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), out)
+      return out, GraftState(count, direction_state, magnitude_state)
+    m, magnitude_state = magnitude.update(updates, state.magnitude, params)
+    out = graft_update(d, m, state.count)
     new = (out, GraftState(optax.safe_increment(state.count), direction_state, magnitude_state))
     if nonfinite == "propagate":
       return new
+    # A float16 magnitude state: check the new state instead of bounding the gradient.
     healthy = tensor_ops.all_finite(state.magnitude)
     ok = tensor_ops.all_finite(updates) & (tensor_ops.all_finite((out, magnitude_state)) | ~healthy)
     kept = (jax.tree.map(jnp.zeros_like, out), state._replace(direction=direction_state))
@@ -162,7 +190,10 @@ def graft_magnitude(
     work = jnp.promote_types(m.dtype, jnp.float32)
     g = g.astype(work)
     new_m = b1 * m.astype(work) + (1 - b1) * g
-    new_v = v.astype(work) + g**2 if kind == "adagrad" else b2 * v.astype(work) + (1 - b2) * g**2
+    if kind == "adagrad":  # a sum over calls: saturate instead of overflowing to inf
+      new_v = jnp.minimum(v.astype(work) + g**2, jnp.finfo(v.dtype).max)
+    else:
+      new_v = b2 * v.astype(work) + (1 - b2) * g**2
     filtered = new_m / (1 - jnp.asarray(b1, work) ** count)
     corrected = new_v / (1 - jnp.asarray(b2, work) ** count) if kind == "adam" else new_v
     out = filtered if kind == "sgd" else filtered / (jnp.sqrt(corrected) + eps)

@@ -155,29 +155,55 @@ def _statistics(
   estimator = fold(grads, state.estimator, state.basis.bases, initial)
   state = state._replace(estimator=estimator)
 
-  def factors(state: BucketState) -> Any:
-    values = jax.vmap(stages.estimator.factors, in_axes=(0, None))(state.estimator, step)
+  # The branches return only what a refresh changes: state passed through a conditional is
+  # copied on every call, so the (read-only) factors are not.
+  def factors(estimator: Any) -> Any:
+    values = jax.vmap(stages.estimator.factors, in_axes=(0, None))(estimator, step)
     return tensor_ops.after(values, after)
 
-  def keep(state: BucketState) -> tuple[BucketState, jax.Array]:
-    return state, jnp.zeros((), jnp.int32)
+  def keep(estimator: Any, basis: Any, scaling_state: Any) -> tuple[Any, Any, jax.Array]:
+    del estimator
+    return basis, scaling_state, jnp.zeros((), jnp.int32)
 
-  def refresh(state: BucketState) -> tuple[BucketState, jax.Array]:
-    basis, permutations, failed = jax.vmap(stages.basis.refresh)(factors(state), state.basis)
-    rotated = jax.vmap(scaling.rotate)(state.scaling, state.basis.bases, basis.bases, permutations)
-    return state._replace(basis=basis, scaling=rotated), jnp.sum(failed, dtype=jnp.int32)
+  def refresh(estimator: Any, basis: Any, scaling_state: Any) -> tuple[Any, Any, jax.Array]:
+    new, permutations, failed = jax.vmap(stages.basis.refresh)(factors(estimator), basis)
+    rotated = jax.vmap(scaling.rotate)(scaling_state, basis.bases, new.bases, permutations)
+    return new, rotated, jnp.sum(failed, dtype=jnp.int32)
 
-  def build(state: BucketState) -> tuple[BucketState, jax.Array]:
-    basis = jax.vmap(stages.basis.first)(factors(state), state.basis)
-    return state._replace(basis=basis), jnp.zeros((), jnp.int32)
+  def build(estimator: Any, basis: Any, scaling_state: Any) -> tuple[Any, Any, jax.Array]:
+    new = jax.vmap(stages.basis.first)(factors(estimator), basis)
+    return new, scaling_state, jnp.zeros((), jnp.int32)
 
   due = (step % stages.basis.every == 0) & (step > stages.basis.start) | (
     step == stages.basis.start
   )
+  operands = (state.estimator, state.basis, state.scaling)
   if initial is None:
-    return jax.lax.cond(due, refresh, keep, state)
-  index = jnp.where(initial, 2, due.astype(jnp.int32))
-  return jax.lax.switch(index, (keep, refresh, build), state)
+    basis, scaling_state, failed = jax.lax.cond(due, refresh, keep, *operands)
+  else:
+    index = jnp.where(initial, 2, due.astype(jnp.int32))
+    basis, scaling_state, failed = jax.lax.switch(index, (keep, refresh, build), *operands)
+  return state._replace(basis=basis, scaling=scaling_state), failed
+
+
+def _within_range(
+  stages: _Stages, tree: layout_lib.TreeLayout, grads: Any, buckets: tuple[BucketState, ...]
+) -> jax.Array:
+  """The ``nonfinite="skip"`` test: for every block, ``‖G_b‖²`` times the estimator's ``gain``
+  is finite and within the range of the state's dtypes (``tensor_ops.within_range``).
+
+  Under it no factor, eigenvalue estimate or moment can overflow: Frobenius entries and
+  projected second moments are at most ``‖G_b‖²`` (orthogonal bases), KL's whitened ones at
+  most ``gain · ‖G_b‖²``. A conservative bound: a gradient near the limit may be skipped
+  although its statistics would just have fit.
+  """
+  flags = []
+  for bucket, grad, state in zip(tree.buckets, grads, buckets, strict=True):
+    gain: Any = 1.0
+    if any(bucket.preconditioned):
+      gain = jax.vmap(stages.estimator.gain)(state.estimator)
+    flags.append(tensor_ops.within_range(grad, gain, (state.estimator, state.scaling)))
+  return jnp.all(jnp.asarray(flags or [True]))
 
 
 def _explicit_mesh(tree: Any) -> Any:
@@ -243,10 +269,14 @@ def scale_by_preconditioner(
     statistics_first: fold the gradient and refresh before computing the direction.
     normalize_grads: divide each tensor's update by its RMS (``+1e-30``).
     nonfinite: what a non-finite call does. ``"skip"`` (default): a call whose gradient has NaN
-      or Inf, or that would make a finite state non-finite (e.g. a finite gradient whose square
-      overflows the factors), returns a zero update, leaves the state untouched (the step
-      counter too) and counts the call in ``skipped``. ``"propagate"``: the values flow
-      through, as in the references.
+      or Inf, or could overflow the state (some block's ``‖G_b‖²`` times the estimator's
+      ``gain`` exceeds the largest value of the state's dtypes; e.g. 1e25 entries in float32),
+      returns a zero update, leaves the state untouched (the step counter too) and counts the
+      call in ``skipped``. The test is made from the gradient before the step, so the state is
+      updated in place (a float16 state is checked after the step instead). A direction that
+      is still not finite (e.g. ``eps = 0`` and a zero second moment) is returned as zeros and
+      counted in ``skipped`` too; its finite statistics are kept. ``"propagate"``: the values
+      flow through, as in the references.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`PreconditionerState`.
@@ -329,18 +359,31 @@ def scale_by_preconditioner(
       zeros = tuple(jnp.zeros_like(g) for g in grads)
       return zeros, state._replace(skipped=optax.safe_increment(state.skipped))
 
-    new = accept(state)
-    if nonfinite == "skip":
-      # A finite gradient can still overflow the statistics, so the new state is checked too
-      # (unless it was not finite before this call: then the basis stage's guard handles it).
-      # The old state is only read when the new one is not finite (rarely).
+    if nonfinite == "skip" and tensor_ops.narrower_than_float32(state.buckets):
+      # A float16 state: bounds on ‖G‖² would skip too much, so the new state is checked
+      # instead (unless it was not finite before this call: then the basis stage's guard
+      # handles it), and the old one is read only when the new one is not finite.
+      new = accept(state)
       ok = tensor_ops.all_finite(grads) & jax.lax.cond(
         tensor_ops.all_finite((new[0], new[1].buckets)),
         lambda: jnp.asarray(True),
         lambda: ~tensor_ops.all_finite(state.buckets),
       )
-      # A conditional, not an elementwise select: the state is not read a second time.
       new = jax.lax.cond(ok, lambda: new, lambda: skip(state))
+    elif nonfinite == "skip":
+      # Decided before the step, from the gradient alone, so the step runs inside the
+      # conditional and writes its state in place (choosing between a computed new state and
+      # the old one afterwards made XLA copy the whole state on every call).
+      ok = _within_range(stages, tree, grads, state.buckets)
+      new = jax.lax.cond(ok, accept, skip, state)
+      # Only reachable through the direction itself (e.g. eps = 0 with a zero second moment):
+      # the update is zeroed and counted; the (finite) statistics are kept.
+      finite = tensor_ops.all_finite(new[0])
+      zeroed = tuple(jnp.where(finite, d, jnp.zeros_like(d)) for d in new[0])
+      skipped = jnp.where(finite, new[1].skipped, optax.safe_increment(new[1].skipped))
+      new = (zeroed, new[1]._replace(skipped=skipped))
+    else:
+      new = accept(state)
     directions, state = new
     updates = layout_lib.scatter(directions, tree)
     if normalize_grads:

@@ -73,6 +73,35 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.asarray(flags or [True]))
 
 
+def narrower_than_float32(tree: Any) -> bool:
+  """Whether a floating leaf of ``tree`` has less range than float32 (float16; static)."""
+  limit = float(jnp.finfo(jnp.float32).max)
+  return any(
+    float(jnp.finfo(x.dtype).max) < limit
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(x.dtype, jnp.floating)
+  )
+
+
+def within_range(blocks: jax.Array, gain: Any, tree: Any) -> jax.Array:
+  """Whether ``‖G_b‖² · gain_b`` is at most the largest finite value of ``tree``'s dtypes.
+
+  ``blocks`` is a stack of gradient blocks (leading axis: blocks) and ``gain`` a bound (one per
+  block, or one number) on how much a stage can amplify ``‖G_b‖²``; NaN/Inf gradients fail.
+  When this holds, no statistic derived from the gradient can overflow the state ``tree``.
+  """
+  dtype = jnp.promote_types(blocks.dtype, jnp.float32)
+  squares = jnp.sum(jnp.square(blocks.astype(dtype)), axis=tuple(range(1, blocks.ndim)))
+  limits = [
+    float(jnp.finfo(x.dtype).max)
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(x.dtype, jnp.floating)
+  ]
+  limit = min(limits + [float(jnp.finfo(dtype).max)])
+  bound = squares * jnp.asarray(gain, dtype)
+  return jnp.all(bound <= limit)  # False for NaN
+
+
 def permute_axis(x: jax.Array, permutation: jax.Array | None, axis: int) -> jax.Array:
   """Reorders ``x`` along ``axis`` by the index vector ``permutation`` (None: unchanged)."""
   if permutation is None:

@@ -7,6 +7,9 @@
   the state: it is skipped like a NaN one, and the run recovers.
 * A refresh whose factors are not finite (set to NaN in the state) keeps the previous basis,
   counts one failure per block in ``basis_failures`` and the update stays finite.
+* The skip test is made before the step: ``‖G_b‖²`` times the estimator's gain within the state
+  dtype's range (checked against numpy, and KL's gain against the statistics it bounds); a
+  direction that is non-finite from finite state is zeroed and counted.
 * Zero, tiny (1e-30), huge (1e30), rank-1 (fixed or a new direction each call) and
   ill-conditioned gradients, and factors with eigenvalue ratio 1e12, give finite updates.
 
@@ -323,3 +326,85 @@ def test_factor_with_eigenvalue_ratio_1e12_gives_finite_updates(name):
   (node,) = _preconditioner_states(state)
   assert int(node.basis_failures) == 0
   assert _finite([bucket.basis for bucket in node.buckets])
+
+
+# (d) the range test that decides "skip" before the step ------------------------------------------
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize(
+  ("blocks", "gain", "expected"),
+  [
+    (np.ones((2, 3, 4)), 1.0, True),
+    (np.full((1, 2, 2), 1e19), 1.0, False),  # ‖G‖² = 4e38 > float32 max, each g² = 1e38 is not
+    (np.full((1, 2, 2), 9e18), 1.0, True),  # ‖G‖² = 3.24e38
+    (np.full((2, 2, 2), 1e17), np.array([1.0, 1e5]), False),  # 4e34 · 1e5 for block 1
+    (np.full((2, 2, 2), 1e17), np.array([1.0, 1e3]), True),
+    (np.array([[[np.nan]]]), 1.0, False),
+    (np.array([[[-np.inf]]]), 1.0, False),
+  ],
+)
+def test_within_range_bounds_the_squared_norm_times_the_gain(blocks, gain, expected):
+  """Against float64 numpy: ``‖G_b‖² · gain_b <= float32 max`` for every block."""
+  ok = kp.tensor_ops.within_range(jnp.asarray(blocks, jnp.float32), gain, jnp.zeros(2))
+  squares = np.sum(np.asarray(blocks, np.float64) ** 2, axis=(1, 2)) * np.asarray(gain)
+  assert bool(ok) == expected == bool(np.all(squares <= F32_MAX))
+
+
+def test_within_range_uses_the_narrowest_state_dtype():
+  blocks = jnp.full((1, 2, 2), 200.0)  # ‖G‖² = 1.6e5 > float16 max 65504
+  assert bool(kp.tensor_ops.within_range(blocks, 1.0, jnp.zeros(2, jnp.float32)))
+  assert not bool(kp.tensor_ops.within_range(blocks, 1.0, jnp.zeros(2, jnp.float16)))
+
+
+def test_kl_gain_bounds_every_statistic_of_an_update():
+  """From the initial state, every factor entry and eigenvalue estimate written by one update
+  is at most ``gain · ‖G‖²`` (checked in float64 after random warm-up steps)."""
+  with jax.enable_x64():
+    estimator = kp.kl(0.9, init_factor=1e-4)  # s = 100: whitening amplifies
+    rng = np.random.default_rng(3)
+    shape, mask = (6, 4), (True, True)
+    state = estimator.init(shape, mask, jnp.float64)
+    bases = (jnp.eye(6, dtype=jnp.float64), jnp.eye(4, dtype=jnp.float64))
+    for _ in range(4):
+      grad = jnp.asarray(rng.standard_normal(shape))
+      gain = float(estimator.gain(state))
+      new = estimator.update(grad, state, bases)
+      norm = float(np.sum(np.asarray(grad) ** 2))
+      written = [
+        np.asarray(f) - 0.9 * np.asarray(o) for f, o in zip(new.factors, state.factors, strict=True)
+      ]
+      written += [1 / np.asarray(r) ** 2 for r in new.inverse_roots]
+      assert max(float(np.max(np.abs(w))) for w in written) <= gain * norm
+      state = new
+
+
+@pytest.mark.parametrize("name", ["kl_soap", "kl_shampoo"])
+def test_kl_skips_a_gradient_its_whitening_could_overflow(name):
+  """‖G‖² = 1.6e35 fits float32, but KL's gain (clamp ceiling 10 per axis here: 1e4) does not:
+  skipped for the KL methods, accepted by SOAP (whose statistics are at most ‖G‖²)."""
+  grads = _stream()
+  big = {"w": jnp.full((5, 3), 1e17, jnp.float32), "b": jnp.zeros((3,), jnp.float32)}
+  for method, skipped in ((name, 1), ("soap", 0)):
+    tx, update = _compiled(method, precondition_frequency=1)
+    _, state = _run(update, tx.init(PARAMS), grads[:3])
+    out, state = update(big, state, PARAMS)
+    (node,) = _preconditioner_states(state)
+    assert int(node.skipped) == skipped, method
+    assert _finite(out) and _finite(state), method
+
+
+@pytest.mark.parametrize("name", ["soap", "kl_soap"])
+def test_a_nonfinite_direction_from_finite_state_is_zeroed_and_counted(name):
+  """``eps = 0`` and a zero gradient: ``M / √V = 0/0``. The update is zero and counted in
+  ``skipped``; the gradient itself was finite, so the statistics and the counter advance."""
+  tx, update = _compiled(name, eps=0.0)
+  state = tx.init(PARAMS)
+  zeros = jax.tree.map(jnp.zeros_like, PARAMS)
+  updates, state = _run(update, state, [zeros, zeros])
+  (node,) = _preconditioner_states(state)
+  for leaf in jax.tree.leaves(updates[-1]):
+    np.testing.assert_array_equal(leaf, 0.0)
+  assert int(node.skipped) == 1  # the first call is init-only: its update is zero anyway
+  assert int(node.count) == 2
