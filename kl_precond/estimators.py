@@ -85,6 +85,9 @@ class Frobenius:
     )
     return FrobeniusState(factors)
 
+  # Its eigenvalue estimates are those an eigh refresh keeps (see ``eigenvalues``).
+  eigenvalues_fixed_between_refreshes = True
+
   def gain(self, state: FrobeniusState) -> jax.Array:
     """Bound on ``|entry| / ‖G‖²`` of the statistics an update writes: ``|(GGᵀ)_ij| ≤ ‖G‖²``."""
     del state
@@ -261,6 +264,8 @@ class KL:
       for r, s in zip(roots, state.inverse_roots, strict=True)
     )
     return KLState(tuple(factors), stored)
+
+  eigenvalues_fixed_between_refreshes = False  # ``ℓ_i`` are updated every step
 
   def gain(self, state: KLState) -> jax.Array:
     """Bound on ``|entry| / ‖G‖²`` of the statistics an update writes.

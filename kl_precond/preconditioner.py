@@ -99,7 +99,26 @@ def _first(
   factors = jax.vmap(stages.estimator.factors, in_axes=(0, None))(estimator, step)
   factors = tensor_ops.after(factors, after)
   basis = jax.vmap(stages.basis.first)(factors, state.basis)
-  return state._replace(estimator=estimator, basis=basis)
+  scaling = _rotate(
+    stages, stages.scaling_for(bucket), estimator, state.scaling, state.basis, basis, None
+  )
+  return state._replace(estimator=estimator, basis=basis, scaling=scaling)
+
+
+def _rotate(
+  stages: _Stages,
+  scaling: Any,
+  estimator: Any,
+  scaling_state: Any,
+  old: Any,
+  new: Any,
+  permutations: Any,
+) -> Any:
+  """``scaling.rotate`` after a basis change, with the eigenvalue estimates of the new basis."""
+  if permutations is None:
+    permutations = (None,) * len(new.bases)
+  eigenvalues = jax.vmap(stages.estimator.eigenvalues)(estimator, new)
+  return jax.vmap(scaling.rotate)(scaling_state, old.bases, new.bases, permutations, eigenvalues)
 
 
 def _direction(
@@ -167,12 +186,13 @@ def _statistics(
 
   def refresh(estimator: Any, basis: Any, scaling_state: Any) -> tuple[Any, Any, jax.Array]:
     new, permutations, failed = jax.vmap(stages.basis.refresh)(factors(estimator), basis)
-    rotated = jax.vmap(scaling.rotate)(scaling_state, basis.bases, new.bases, permutations)
+    rotated = _rotate(stages, scaling, estimator, scaling_state, basis, new, permutations)
     return new, rotated, jnp.sum(failed, dtype=jnp.int32)
 
   def build(estimator: Any, basis: Any, scaling_state: Any) -> tuple[Any, Any, jax.Array]:
     new = jax.vmap(stages.basis.first)(factors(estimator), basis)
-    return new, scaling_state, jnp.zeros((), jnp.int32)
+    rotated = _rotate(stages, scaling, estimator, scaling_state, basis, new, None)
+    return new, rotated, jnp.zeros((), jnp.int32)
 
   due = (step % stages.basis.every == 0) & (step > stages.basis.start) | (
     step == stages.basis.start
@@ -283,6 +303,14 @@ def scale_by_preconditioner(
   """
   check_choice("first_call", first_call, ("init_only", "precondition", "identity"))
   check_choice("nonfinite", nonfinite, ("skip", "propagate"))
+  if getattr(scaling, "cache_roots", False) and not getattr(
+    estimator, "eigenvalues_fixed_between_refreshes", False
+  ):
+    raise ValueError(
+      "A scaling with cache_roots=True needs an estimator whose eigenvalue estimates change "
+      "only at refreshes (frobenius with an eigh_every basis), not one that updates them every "
+      f"step ({type(estimator).__name__})."
+    )
   stages = _Stages(estimator, basis, scaling, fallback)
   config = layout or layout_lib.LayoutConfig()
 

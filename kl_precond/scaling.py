@@ -77,9 +77,15 @@ class Adam:
     return direction, AdamState(mu.astype(state.mu.dtype), nu.astype(state.nu.dtype))
 
   def rotate(
-    self, state: AdamState, old_bases: Bases, new_bases: Bases, permutations: Sequence[Any]
+    self,
+    state: AdamState,
+    old_bases: Bases,
+    new_bases: Bases,
+    permutations: Sequence[Any],
+    eigenvalues: Any = None,
   ) -> AdamState:
     """Re-expresses ``M`` in the new basis; permutes ``V`` by the sort (no rotation)."""
+    del eigenvalues
     mu = tensor_ops.project(tensor_ops.unproject(state.mu, old_bases), new_bases)
     nu = state.nu
     for axis, permutation in enumerate(permutations):
@@ -151,6 +157,8 @@ class MomentumState(NamedTuple):
   """State of :func:`kronecker_eigenvalues` for one block."""
 
   mu: jax.Array  # block shape, moment dtype; first moment in parameter space
+  # per axis with a factor: (d_i, d_i) root Q_i diag(P_i) Q_iᵀ (cache_roots=True), else ()
+  roots: tuple[jax.Array | None, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,26 +171,43 @@ class KroneckerEigenvalues:
   eps_placement: str = "outside"
   bias_correction: bool = False
   dtype: Any = None
+  cache_roots: bool = False
 
   def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any) -> MomentumState:
-    del mask
-    return MomentumState(jnp.zeros(tuple(shape), self.dtype or dtype))
+    dtype = self.dtype or dtype
+    mu = jnp.zeros(tuple(shape), dtype)
+    if not self.cache_roots:
+      return MomentumState(mu)
+    # The roots of the basis stage's initial state: identity bases, eigenvalues of one.
+    roots = tuple(
+      self._root(jnp.eye(d, dtype=dtype), jnp.ones((d,), dtype), axis, len(shape)).astype(dtype)
+      if m
+      else None
+      for axis, (d, m) in enumerate(zip(shape, mask, strict=True))
+    )
+    return MomentumState(mu, roots)
 
   def _exponent(self, axis: int, order: int) -> Any:
     return resolve_exponent(self.exponents, axis, order)
 
+  def _axis_power(self, values: jax.Array, axis: int, order: int) -> jax.Array:
+    exponent = self._exponent(axis, order)
+    if self.eps_placement == "inside":
+      return (values + self.eps) ** -exponent
+    safe = jnp.where(values > 0, values, 1)
+    return jnp.where(values > 0, safe**-exponent, 0)
+
+  def _root(self, basis: jax.Array, values: jax.Array, axis: int, order: int) -> jax.Array:
+    """``Q diag(P_axis) Qᵀ`` in float32 at least."""
+    dtype = _compute_dtype(basis.dtype)
+    basis = basis.astype(dtype)
+    return (basis * self._axis_power(values.astype(dtype), axis, order)) @ basis.T
+
   def _powers(self, eigenvalues: Sequence[Any], shape: Sequence[int]) -> jax.Array:
-    powers: list[jax.Array | None] = []
-    for axis, values in enumerate(eigenvalues):
-      if values is None:
-        powers.append(None)
-        continue
-      exponent = self._exponent(axis, len(shape))
-      if self.eps_placement == "inside":
-        powers.append((values + self.eps) ** -exponent)
-      else:
-        safe = jnp.where(values > 0, values, 1)
-        powers.append(jnp.where(values > 0, safe**-exponent, 0))
+    powers = [
+      None if values is None else self._axis_power(values, axis, len(shape))
+      for axis, values in enumerate(eigenvalues)
+    ]
     scale = tensor_ops.kron_outer(powers, shape)
     if self.eps_placement == "outside":
       scale = scale / (1 + self.eps * scale)
@@ -202,17 +227,40 @@ class KroneckerEigenvalues:
     moment = mu
     if self.bias_correction:
       moment = mu / (1 - jnp.asarray(self.b1, dtype) ** step.astype(dtype))
-    values = [None if v is None else v.astype(dtype) for v in eigenvalues]
-    scale = self._powers(values, mu.shape)
-    direction = tensor_ops.unproject(tensor_ops.project(moment, bases) * scale, bases)
-    return direction, MomentumState(mu.astype(state.mu.dtype))
+    if self.cache_roots:
+      # Separable scaling with eigenvalues fixed between refreshes: one product per axis with
+      # the root cached at the refresh, instead of projecting and unprojecting.
+      roots = [None if r is None else r.astype(dtype) for r in state.roots]
+      direction = tensor_ops.unproject(moment, roots)
+    else:
+      values = [None if v is None else v.astype(dtype) for v in eigenvalues]
+      scale = self._powers(values, mu.shape)
+      direction = tensor_ops.unproject(tensor_ops.project(moment, bases) * scale, bases)
+    return direction, state._replace(mu=mu.astype(state.mu.dtype))
 
   def rotate(
-    self, state: MomentumState, old_bases: Bases, new_bases: Bases, permutations: Sequence[Any]
+    self,
+    state: MomentumState,
+    old_bases: Bases,
+    new_bases: Bases,
+    permutations: Sequence[Any],
+    eigenvalues: Any = None,
   ) -> MomentumState:
-    """The moment lives in parameter space: nothing to rotate."""
-    del old_bases, new_bases, permutations
-    return state
+    """The moment lives in parameter space: nothing to rotate. With ``cache_roots`` the roots
+    ``Q_i diag(P_i) Q_iᵀ`` are rebuilt from the new bases and eigenvalues."""
+    del old_bases, permutations
+    if not self.cache_roots:
+      return state
+    order = len(new_bases)
+    roots = tuple(
+      None
+      if root is None or basis is None or values is None
+      else self._root(basis, values, axis, order).astype(root.dtype)
+      for axis, (root, basis, values) in enumerate(
+        zip(state.roots, new_bases, eigenvalues, strict=True)
+      )
+    )
+    return state._replace(roots=roots)
 
 
 def resolve_exponent(exponents: Any, axis: int, order: int) -> Any:
@@ -245,6 +293,7 @@ def kronecker_eigenvalues(
   eps_placement: str = "outside",
   bias_correction: bool = False,
   dtype: Any = None,
+  cache_roots: bool = False,
 ) -> KroneckerEigenvalues:
   """Scale the momentum by powers of the factors' eigenvalues (KL-Shampoo, Shampoo).
 
@@ -267,6 +316,11 @@ def kronecker_eigenvalues(
     eps_placement: ``"outside"`` (KL-Shampoo) or ``"inside"`` (Shampoo).
     bias_correction: divide the momentum by ``1 - β₁ᵗ``.
     dtype: storage dtype of ``M`` (default: the parameter's dtype).
+    cache_roots: keep the per-axis roots ``R_i = Q_i diag((λ_i + ε)^(-a_i)) Q_iᵀ`` in the
+      state, rebuilt at each refresh, so that a step computes ``U = M̂ ×_i R_i`` (one product
+      per axis instead of two). Needs ``eps_placement="inside"`` (a separable scaling) and
+      eigenvalues that change only at refreshes (the ``frobenius`` estimator with an
+      ``eigh_every`` basis: Shampoo); costs one ``d_i × d_i`` matrix per axis.
 
   Returns:
     The scaling stage.
@@ -275,4 +329,11 @@ def kronecker_eigenvalues(
   check_nonnegative("eps", eps)
   check_choice("eps_placement", eps_placement, ("inside", "outside"))
   _check_exponents(exponents)
-  return KroneckerEigenvalues(b1, eps, exponents, eps_placement, bias_correction, dtype)
+  if cache_roots and eps_placement != "inside":
+    raise ValueError(
+      "cache_roots needs eps_placement='inside': with 'outside' the scaling is not a Kronecker "
+      "product of per-axis roots."
+    )
+  return KroneckerEigenvalues(
+    b1, eps, exponents, eps_placement, bias_correction, dtype, bool(cache_roots)
+  )

@@ -129,7 +129,13 @@ def scale_by_shampoo(
       dtype=dtype,
     ),
     scaling.kronecker_eigenvalues(
-      b1, 0.0, exponents=exponents, eps_placement="inside", bias_correction=True, dtype=dtype
+      b1,
+      0.0,
+      exponents=exponents,
+      eps_placement="inside",
+      bias_correction=True,
+      dtype=dtype,
+      cache_roots=True,
     ),
     layout=layout,
     fallback=scaling.adam(b1, graft_b2, graft_eps, dtype=dtype),

@@ -138,7 +138,7 @@ def test_shampoo_equals_its_hand_built_chain():
     kp.frobenius(0.999, bias_correction=True),
     kp.eigh_every(3, start=3, ridge=1e-12, eigenvalue_floor=1e-12),
     kp.kronecker_eigenvalues(
-      0.9, 0.0, exponents=None, eps_placement="inside", bias_correction=True
+      0.9, 0.0, exponents=None, eps_placement="inside", bias_correction=True, cache_roots=True
     ),
     layout=layout,
     first_call="identity",
@@ -315,3 +315,53 @@ def test_blocks_round_trip(shape, cfg):
   x = jnp.arange(int(np.prod(shape)), dtype=jnp.float32).reshape(shape)
   lay = layout_lib.tensor_layout(shape, cfg)
   np.testing.assert_array_equal(layout_lib.from_blocks(layout_lib.to_blocks(x, lay), lay), x)
+
+
+@pytest.mark.parametrize(
+  "exponents", [None, 0.25, {2: (0.1, 0.4)}, {2: (0.5, 0.0)}, {2: {0: 0.3}, 3: (0.2, 0.1, 0.3)}]
+)
+@pytest.mark.parametrize("eps_mode", ["ridge", "relative"])
+def test_cached_roots_equal_projecting_scaling_and_unprojecting(exponents, eps_mode):
+  """Shampoo's ``cache_roots`` (``U = M̂ ×_i Q_i diag(P_i) Q_iᵀ``, roots rebuilt at refreshes)
+  against the uncached ``unproj(proj(M̂) ⊙ ⊗P_i)``, float64, 9 steps over 3 refreshes."""
+  with jax.enable_x64():
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), PARAMS)
+    layout = kp.LayoutConfig(max_precond_dim=5, blocking=True)
+
+    def chain(cache_roots):
+      return kp.scale_by_preconditioner(
+        kp.frobenius(0.99, bias_correction=True),
+        kp.eigh_every(3, start=2, ridge=1e-6, relative_ridge=eps_mode == "relative"),
+        kp.kronecker_eigenvalues(
+          0.9,
+          1e-3,
+          exponents=exponents,
+          eps_placement="inside",
+          bias_correction=True,
+          cache_roots=cache_roots,
+        ),
+        layout=layout,
+        first_call="identity",
+        statistics_first=True,
+      )
+
+    grads = _grads(params, 9, seed=4)
+    cached, _ = _run(chain(True), params, grads)
+    plain, _ = _run(chain(False), params, grads)
+    moved = 0.0
+    for x, y in zip(cached, plain, strict=True):
+      for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+        moved = max(moved, float(np.max(np.abs(np.asarray(a)))))
+    assert moved > 0
+
+
+def test_cache_roots_is_rejected_where_it_would_be_wrong():
+  with pytest.raises(ValueError, match="eps_placement='inside'"):
+    kp.kronecker_eigenvalues(0.9, 1e-8, eps_placement="outside", cache_roots=True)
+  with pytest.raises(ValueError, match="change only at refreshes"):
+    kp.scale_by_preconditioner(
+      kp.kl(0.9),
+      kp.qr_every(3),
+      kp.kronecker_eigenvalues(0.9, 1e-8, eps_placement="inside", cache_roots=True),
+    )
