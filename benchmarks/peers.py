@@ -49,14 +49,16 @@ LEARNING_RATE = 1e-4
 # every f steps from step 1, RMSprop grafting (RMSPROP_NORMALIZED diverges, env_baseline §2.1).
 # PSGD Kron's default schedule updates the preconditioner with probability 1 for the first 500
 # steps (so in every timed step here), then anneals to 0.03; the "_p0.03" variants time that
-# steady state.
+# steady state, the "_p0.1" ones the same average refresh rate as our f = 10.
 PEERS = {
   "dist_shampoo_b256_eigh": ("precondition-opt", "distributed_shampoo, block 256, eigh, f"),
   "dist_shampoo_b1024_eigh": ("precondition-opt", "distributed_shampoo, block 1024, eigh, f"),
   "dist_shampoo_b256_newton": ("precondition-opt", "distributed_shampoo, block 256, Newton, f"),
   "psgd_kron": ("psgd-jax", "kron, default schedule (p = 1 in the first 500 steps)"),
+  "psgd_kron_p0.1": ("psgd-jax", "kron, update probability 0.1 (= our f = 10 on average)"),
   "psgd_kron_p0.03": ("psgd-jax", "kron, update probability 0.03"),
   "dk_kron": ("distributed-kron", "kron, block 256, default schedule (p = 1 at first)"),
+  "dk_kron_p0.1": ("distributed-kron", "kron, block 256, update probability 0.1"),
   "dk_kron_p0.03": ("distributed-kron", "kron, block 256, update probability 0.03"),
   "dk_pro": ("distributed-kron", "pro, default settings"),
 }
@@ -113,7 +115,8 @@ def make_peer(name: str, frequency: int) -> Any:
       graft_type=ds.GraftingType.RMSPROP,
       eigh=solver == "eigh",
     )
-  probability = {"preconditioner_update_probability": 0.03} if name.endswith("p0.03") else {}
+  suffix = name.rpartition("_p")[2] if "_p0" in name else ""
+  probability = {"preconditioner_update_probability": float(suffix)} if suffix else {}
   if name.startswith("psgd_kron"):
     import optax.transforms._clipping as clipping
 

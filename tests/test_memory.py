@@ -44,6 +44,14 @@ def test_kl_soap_state_adds_the_second_moment(params):
   assert _per_block_elements(state) == expected
 
 
+def test_shampoo_state_is_moment_factors_bases_roots_eigenvalues_and_grafting(params):
+  """Per block: ``M`` (N), factors, bases and cached roots (3(m²+n²)), eigenvalues (m+n);
+  Adam grafting adds 2N."""
+  state = kp.shampoo(1e-3).init(params)
+  expected = sum(3 * m * n + 3 * (m * m + n * n) + (m + n) for m, n in SHAPES)
+  assert _per_block_elements(state) == expected
+
+
 def test_axes_above_max_precond_dim_store_no_factor():
   state = kp.soap(1e-3, max_precond_dim=100).init({"w": jnp.zeros((300, 5))})
   assert _per_block_elements(state) == 2 * 300 * 5 + 2 * 5 * 5

@@ -231,3 +231,26 @@ def test_bad_options_are_refused():
     kp.adamw_shampoo(exponents=(0.1, 0.2, 0.2))
   with pytest.warns(UserWarning, match="1/2"):
     kp.adamw_shampoo(exponents=(0.5, 0.5))
+
+
+@pytest.mark.parametrize("factory", [kp.shampoo, kp.adamw_shampoo])
+def test_cache_roots_off_gives_the_same_steps_with_less_state(factory):
+  """``cache_roots=False`` (project, scale, unproject) against the default cached roots:
+  the same updates in float64, and one ``d × d`` matrix less per factor."""
+  with jax.enable_x64():
+    params = {"w": jnp.ones((6, 4), jnp.float64), "b": jnp.ones((4,), jnp.float64)}
+    rng = np.random.default_rng(11)
+    grads = [
+      {k: jnp.asarray(rng.standard_normal(v.shape)) for k, v in params.items()} for _ in range(7)
+    ]
+    cached, plain = (
+      factory(1e-2, precondition_frequency=2, cache_roots=flag) for flag in (True, False)
+    )
+    s1, s2 = cached.init(params), plain.init(params)
+    sizes = [sum(x.size for x in jax.tree.leaves(s)) for s in (s1, s2)]
+    for g in grads:
+      u1, s1 = cached.update(g, s1, params)
+      u2, s2 = plain.update(g, s2, params)
+      for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-13)
+  assert sizes[0] - sizes[1] in (6 * 6 + 4 * 4, 6 * 6 + 4 * 4 + 4 * 4)  # + the bias's factor
