@@ -71,8 +71,9 @@ NEVER = 10**9  # a precondition_frequency that never refreshes within a benchmar
 #   KL-Shampoo (kl + qr_every + kronecker_eigenvalues):
 #     direction: project the momentum, unproject (2 × (left + right)); estimator as KL-SOAP
 #                                                           → 5(left + right) = 10mn(m+n)
-#   Shampoo, AdamW-Shampoo (frobenius statistics, eigenvalue scaling; assumed, not read):
-#     Grams (left + right), project and unproject the momentum → 3(left + right) = 6mn(m+n)
+#   Shampoo, AdamW-Shampoo (frobenius statistics, eigenvalue scaling with cached roots):
+#     Grams (left + right), then the momentum times the cached roots R_L M R_R (left + right)
+#                                                           → 2(left + right) = 4mn(m+n)
 #   AdamW: elementwise only (0 matmul FLOPs).
 # For a square n×n block, left + right = 4n³.
 FLOP_COUNTS = {
@@ -80,13 +81,13 @@ FLOP_COUNTS = {
   "soap": 3,
   "kl_soap": 4,
   "kl_shampoo": 5,
-  "shampoo": 3,
-  "adamw_shampoo": 3,
+  "shampoo": 2,
+  "adamw_shampoo": 2,
 }
 COUNT_NOTES = {
   "kl_soap": "the estimator's projection of G is the direction's, merged by XLA",
-  "shampoo": "count assumed (frobenius statistics + eigenvalue scaling), not read from code",
-  "adamw_shampoo": "count assumed (frobenius statistics + eigenvalue scaling), not read from code",
+  "shampoo": "with the default cache_roots=True (3 units with cache_roots=False)",
+  "adamw_shampoo": "with the default cache_roots=True (3 units with cache_roots=False)",
 }
 
 
