@@ -73,14 +73,21 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.asarray(flags or [True]))
 
 
+def _range_limit(tree: Any) -> float:
+  """The largest finite value every floating leaf of ``tree`` can hold (static; inf if none)."""
+  return min(
+    (
+      float(jnp.finfo(x.dtype).max)
+      for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(x.dtype, jnp.floating)
+    ),
+    default=float("inf"),
+  )
+
+
 def narrower_than_float32(tree: Any) -> bool:
   """Whether a floating leaf of ``tree`` has less range than float32 (float16; static)."""
-  limit = float(jnp.finfo(jnp.float32).max)
-  return any(
-    float(jnp.finfo(x.dtype).max) < limit
-    for x in jax.tree.leaves(tree)
-    if jnp.issubdtype(x.dtype, jnp.floating)
-  )
+  return _range_limit(tree) < float(jnp.finfo(jnp.float32).max)
 
 
 def within_range(blocks: jax.Array, gain: Any, tree: Any) -> jax.Array:
@@ -92,12 +99,7 @@ def within_range(blocks: jax.Array, gain: Any, tree: Any) -> jax.Array:
   """
   dtype = jnp.promote_types(blocks.dtype, jnp.float32)
   squares = jnp.sum(jnp.square(blocks.astype(dtype)), axis=tuple(range(1, blocks.ndim)))
-  limits = [
-    float(jnp.finfo(x.dtype).max)
-    for x in jax.tree.leaves(tree)
-    if jnp.issubdtype(x.dtype, jnp.floating)
-  ]
-  limit = min(limits + [float(jnp.finfo(dtype).max)])
+  limit = min(_range_limit(tree), float(jnp.finfo(dtype).max))
   bound = squares * jnp.asarray(gain, dtype)
   return jnp.all(bound <= limit)  # False for NaN
 
