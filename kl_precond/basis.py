@@ -64,10 +64,20 @@ class Refresh:
   start: int = 0
   ridge: Any = 0.0
   relative_ridge: bool = False
+  keep_bases: bool = True
+
+  def __post_init__(self) -> None:
+    if not self.keep_bases and self.method != "eigh":
+      raise ValueError(
+        "keep_bases=False needs method='eigh': a QR refresh iterates on the previous basis."
+      )
 
   def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any) -> BasisState:
     dtype = self.dtype or dtype
-    bases = tuple(jnp.eye(d, dtype=dtype) if m else None for d, m in zip(shape, mask, strict=True))
+    bases = tuple(
+      (jnp.eye(d, dtype=dtype) if self.keep_bases else _placeholder(dtype)) if m else None
+      for d, m in zip(shape, mask, strict=True)
+    )
     # Eigenvalues (d numbers per factor) stay float32 at least: a floor such as 1e-12 underflows
     # float16, and their negative powers overflow it.
     values = tuple(
@@ -108,6 +118,14 @@ class Refresh:
     """The first basis: eigendecomposition, columns by descending eigenvalue."""
     return self._keep_if_failed(self._decompose(factors, state), state)[0]
 
+  def stored(self, state: BasisState) -> BasisState:
+    """What the state keeps between refreshes: with ``keep_bases=False``, the bases of a
+    decomposition (used by the scaling stage's ``rotate``) are dropped for placeholders."""
+    if self.keep_bases:
+      return state
+    bases = tuple(None if b is None else _placeholder(b.dtype, b.shape[:-2]) for b in state.bases)
+    return state._replace(bases=bases)
+
   def refresh(
     self, factors: Matrices, state: BasisState
   ) -> tuple[BasisState, tuple[Any, ...], Any]:
@@ -143,11 +161,19 @@ class Refresh:
       permutations.append(order)
     return BasisState(tuple(bases), state.eigenvalues), tuple(permutations)
 
-  @staticmethod
-  def _keep_if_failed(new: BasisState, old: BasisState) -> tuple[BasisState, jax.Array]:
+  def _keep_if_failed(self, new: BasisState, old: BasisState) -> tuple[BasisState, jax.Array]:
+    """The previous state where the new one is not finite. Without stored bases only the
+    eigenvalues can be restored; the chassis then keeps the scaling's previous state."""
     ok = tensor_ops.all_finite(new)
-    kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    return kept, jnp.logical_not(ok)
+    if self.keep_bases:
+      return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old), jnp.logical_not(ok)
+    values = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new.eigenvalues, old.eigenvalues)
+    return new._replace(eigenvalues=values), jnp.logical_not(ok)
+
+
+def _placeholder(dtype: Any, batch: tuple[int, ...] = ()) -> jax.Array:
+  """Stands for a basis that is not stored (``keep_bases=False``): an empty array."""
+  return jnp.zeros((*batch, 0), dtype)
 
 
 def qr_every(every: int, *, sort: bool = True, start: int = 0, dtype: Any = None) -> Refresh:
@@ -184,6 +210,7 @@ def eigh_every(
   relative_ridge: bool = False,
   eigenvalue_floor: Any = None,
   keep_eigenvalues: bool = True,
+  keep_bases: bool = True,
   dtype: Any = None,
 ) -> Refresh:
   """Refresh by a full eigendecomposition every ``every`` steps (Shampoo).
@@ -200,6 +227,12 @@ def eigh_every(
     relative_ridge: add ``ρ · λ_max(F)`` instead of ``ρ`` (google-research/precondition's
       ``relative_matrix_epsilon``).
     keep_eigenvalues: store the eigenvalues, for scalings that use them (Shampoo's roots).
+    keep_bases: store the bases between refreshes. ``False`` (Shampoo with cached roots): an
+      eigendecomposition needs no previous basis, so the bases live only inside the refresh,
+      where the scaling stage builds what it keeps from them; the state holds an empty
+      placeholder per factor. Needs a scaling that caches its roots
+      (``kronecker_eigenvalues(cache_roots=True)``); a failed refresh then keeps the
+      scaling's previous roots.
     eigenvalue_floor: if the smallest eigenvalue is below this, shift all of them so that it
       equals the floor (Distributed Shampoo's ``λ - λ_min + ε``); ``None`` for no shift.
     dtype: storage dtype of bases and eigenvalues (default: the parameter's dtype).
@@ -213,5 +246,14 @@ def eigh_every(
   if eigenvalue_floor is not None:
     check_nonnegative("eigenvalue_floor", eigenvalue_floor)
   return Refresh(
-    every, "eigh", False, keep_eigenvalues, eigenvalue_floor, dtype, start, ridge, relative_ridge
+    every,
+    "eigh",
+    False,
+    keep_eigenvalues,
+    eigenvalue_floor,
+    dtype,
+    start,
+    ridge,
+    relative_ridge,
+    keep_bases,
   )

@@ -37,6 +37,7 @@ import optax
 
 from kl_precond import alias, shampoo_family
 from kl_precond import layout as layout_lib
+from kl_precond.preconditioner import PreconditionerState
 
 TOLERANCE_X64 = 1e-10
 TOLERANCE_META_X64 = 1e-8
@@ -360,13 +361,21 @@ def _injector(
   def inject_fn(state: Any, call: int) -> Any:
     if inject == "q0" and call != 0:
       return state
+    # The preconditioner's state may sit inside a wrapper's (Shampoo's grafting).
+    is_node = lambda n: isinstance(n, PreconditionerState)  # noqa: E731
+    return jax.tree.map(lambda n: inject_node(n, call) if is_node(n) else n, state, is_leaf=is_node)
+
+  def inject_node(state: Any, call: int) -> Any:
     buckets = list(state.buckets)
     for name in names:
       bucket_id, row = tree.where[leaf_index[name]][0]
       bases = list(buckets[bucket_id].basis.bases)
       for axis in range(len(bases)):
         key = f"{prefix}/{name}/{axis}"
-        if key in arrays and bases[axis] is not None:
+        # A basis stage that stores no bases (Shampoo's cached roots, ``keep_bases=False``) has
+        # empty placeholders: nothing to overwrite, and its roots do not depend on the choice
+        # of eigenvectors within an eigenspace anyway.
+        if key in arrays and bases[axis] is not None and bases[axis].shape[-1] > 0:
           value = arrays[key] if inject == "q0" else arrays[key][call]
           bases[axis] = bases[axis].at[row].set(jnp.asarray(value, bases[axis].dtype))
       basis = buckets[bucket_id].basis._replace(bases=tuple(bases))

@@ -102,6 +102,7 @@ def _first(
   scaling = _rotate(
     stages, stages.scaling_for(bucket), estimator, state.scaling, state.basis, basis, None
   )
+  basis, scaling = _settle(stages, basis, scaling, state.scaling)
   return state._replace(estimator=estimator, basis=basis, scaling=scaling)
 
 
@@ -119,6 +120,21 @@ def _rotate(
     permutations = (None,) * len(new.bases)
   eigenvalues = jax.vmap(stages.estimator.eigenvalues)(estimator, new)
   return jax.vmap(scaling.rotate)(scaling_state, old.bases, new.bases, permutations, eigenvalues)
+
+
+def _settle(stages: _Stages, new: Any, rotated: Any, old_scaling: Any) -> tuple[Any, Any]:
+  """What a decomposition leaves in the state. A basis stage that does not store its bases
+  (``eigh_every(keep_bases=False)``) could not restore the previous ones after a failed
+  decomposition, so such a block keeps its previous scaling state (the roots built from its
+  previous bases) instead, and the new bases are dropped once the scaling has used them."""
+  if getattr(stages.basis, "keep_bases", True):
+    return new, rotated
+  failed = jax.vmap(lambda bases: jnp.logical_not(tensor_ops.all_finite(bases)))(new.bases)
+
+  def keep_failed(n: jax.Array, o: jax.Array) -> jax.Array:
+    return jnp.where(failed.reshape(failed.shape + (1,) * (n.ndim - 1)), o, n)
+
+  return stages.basis.stored(new), jax.tree.map(keep_failed, rotated, old_scaling)
 
 
 def _direction(
@@ -187,11 +203,13 @@ def _statistics(
   def refresh(estimator: Any, basis: Any, scaling_state: Any) -> tuple[Any, Any, jax.Array]:
     new, permutations, failed = jax.vmap(stages.basis.refresh)(factors(estimator), basis)
     rotated = _rotate(stages, scaling, estimator, scaling_state, basis, new, permutations)
+    new, rotated = _settle(stages, new, rotated, scaling_state)
     return new, rotated, jnp.sum(failed, dtype=jnp.int32)
 
   def build(estimator: Any, basis: Any, scaling_state: Any) -> tuple[Any, Any, jax.Array]:
     new = jax.vmap(stages.basis.first)(factors(estimator), basis)
     rotated = _rotate(stages, scaling, estimator, scaling_state, basis, new, None)
+    new, rotated = _settle(stages, new, rotated, scaling_state)
     return new, rotated, jnp.zeros((), jnp.int32)
 
   due = (step % stages.basis.every == 0) & (step > stages.basis.start) | (
@@ -310,6 +328,12 @@ def scale_by_preconditioner(
       "A scaling with cache_roots=True needs an estimator whose eigenvalue estimates change "
       "only at refreshes (frobenius with an eigh_every basis), not one that updates them every "
       f"step ({type(estimator).__name__})."
+    )
+  if not getattr(basis, "keep_bases", True) and not getattr(scaling, "cache_roots", False):
+    raise ValueError(
+      "A basis stage with keep_bases=False stores no bases between refreshes, so the scaling "
+      "must keep what it needs from each decomposition (kronecker_eigenvalues(cache_roots=True))"
+      f"; got {type(scaling).__name__} with cache_roots=False."
     )
   stages = _Stages(estimator, basis, scaling, fallback)
   config = layout or layout_lib.LayoutConfig()

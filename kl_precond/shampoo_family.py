@@ -99,8 +99,9 @@ def scale_by_shampoo(
     dtype: storage dtype of all state; eigh runs in float32 or higher.
     nonfinite: ``"skip"`` or ``"propagate"`` calls with NaN/Inf gradients.
     cache_roots: keep the roots ``Q diag((λ+ε)^(-a)) Qᵀ`` from each refresh, so that a step is
-      one product per side (faster; one more ``d × d`` matrix per factor). ``False``: project,
-      scale and unproject every step.
+      one product per side, and store them instead of the eigenbases (an eigendecomposition
+      needs no previous basis: ``eigh_every(keep_bases=False)``), so the state is as large.
+      ``False``: store the eigenbases; project, scale and unproject every step.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -130,6 +131,7 @@ def scale_by_shampoo(
       ridge=eps,
       relative_ridge=eps_mode == "relative",
       eigenvalue_floor=eps,
+      keep_bases=not cache_roots,
       dtype=dtype,
     ),
     scaling.kronecker_eigenvalues(

@@ -167,7 +167,9 @@ def _set_factors(state, make):
 
 
 def _bases(node):
-  return [bucket.basis for bucket in node.buckets]
+  """What a refresh decides: the basis state, and the roots Shampoo caches from it (stored
+  instead of the bases, so a failed refresh must keep the previous roots)."""
+  return [(bucket.basis, getattr(bucket.scaling, "roots", None)) for bucket in node.buckets]
 
 
 @pytest.mark.parametrize("name", list(METHODS))

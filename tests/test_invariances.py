@@ -365,3 +365,18 @@ def test_cache_roots_is_rejected_where_it_would_be_wrong():
       kp.qr_every(3),
       kp.kronecker_eigenvalues(0.9, 1e-8, eps_placement="inside", cache_roots=True),
     )
+
+
+def test_dropping_the_bases_needs_an_eigh_refresh_and_cached_roots():
+  with pytest.raises(ValueError, match="keep_bases=False needs method='eigh'"):
+    kp.basis.Refresh(3, "qr", keep_bases=False)
+  with pytest.raises(ValueError, match="cache_roots=True"):
+    kp.scale_by_preconditioner(
+      kp.frobenius(0.9),
+      kp.eigh_every(3, keep_bases=False),
+      kp.kronecker_eigenvalues(0.9, 1e-8, eps_placement="inside", cache_roots=False),
+    )
+  with pytest.raises(ValueError, match="cache_roots=True"):
+    kp.scale_by_preconditioner(
+      kp.frobenius(0.9), kp.eigh_every(3, keep_bases=False), kp.adam(0.9, 0.99, 1e-8)
+    )

@@ -44,11 +44,14 @@ def test_kl_soap_state_adds_the_second_moment(params):
   assert _per_block_elements(state) == expected
 
 
-def test_shampoo_state_is_moment_factors_bases_roots_eigenvalues_and_grafting(params):
-  """Per block: ``M`` (N), factors, bases and cached roots (3(m²+n²)), eigenvalues (m+n);
-  Adam grafting adds 2N."""
-  state = kp.shampoo(1e-3).init(params)
-  expected = sum(3 * m * n + 3 * (m * m + n * n) + (m + n) for m, n in SHAPES)
+@pytest.mark.parametrize("cache_roots", [True, False])
+def test_shampoo_state_is_moment_factors_roots_or_bases_eigenvalues_and_grafting(
+  params, cache_roots
+):
+  """Per block: ``M`` (N), factors and either the cached roots or the bases (2(m²+n²)),
+  eigenvalues (m+n); Adam grafting adds 2N."""
+  state = kp.shampoo(1e-3, cache_roots=cache_roots).init(params)
+  expected = sum(3 * m * n + 2 * (m * m + n * n) + (m + n) for m, n in SHAPES)
   assert _per_block_elements(state) == expected
 
 

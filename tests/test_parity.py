@@ -114,6 +114,19 @@ def test_injected_first_basis_replays_rank_deficient_tensor(golden_files):
   assert unaided > 1e3 * error  # the injection is what makes it replay
 
 
+def test_injection_reaches_a_grafted_preconditioner(golden_files):
+  """``--inject`` on Shampoo (its preconditioner's state sits inside the grafting wrapper's, and
+  stores roots, not bases) replays and passes like the plain replay."""
+  shampoo = [p for p in golden_files if p.name.startswith("shampoo")]
+  assert shampoo, "no Shampoo golden file"
+  for path in shampoo:
+    records = parity.check(path, inject="all")
+    assert any(r["judged"] for r in records.values()), path.name
+    for name, record in records.items():
+      assert record["finite"], (path.name, name)
+      assert not record["judged"] or record["passed"], (path.name, name, record)
+
+
 def test_replay_layout_matches_the_file(golden_files):
   path = golden_files[0]
   ours = parity.replay(path, x64=False)
