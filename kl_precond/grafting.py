@@ -33,17 +33,19 @@ class GraftState(NamedTuple):
   magnitude: Any  # the magnitude transform's state
 
 
-def _rescale(direction: jax.Array, magnitude: jax.Array, eps: Any) -> jax.Array:
+def _rescale(direction: jax.Array, magnitude: jax.Array, eps: Any, axes: Any = None) -> jax.Array:
+  """``D · ‖M‖ / (‖D‖ + ε)``, norms over ``axes`` (a block's axes of a tiled view; all: None)."""
   dtype = jnp.promote_types(direction.dtype, jnp.float32)
-  norm_d, norm_m = _norm(direction.astype(dtype)), _norm(magnitude.astype(dtype))
+  norm_d = _norm(direction.astype(dtype), axes)
+  norm_m = _norm(magnitude.astype(dtype), axes)
   return (direction * (norm_m / (norm_d + eps)).astype(direction.dtype)).astype(direction.dtype)
 
 
-def _norm(x: jax.Array) -> jax.Array:
+def _norm(x: jax.Array, axes: Any = None) -> jax.Array:
   """Frobenius norm computed as ``max|x| · ‖x / max|x|‖`` so tiny blocks do not underflow."""
-  peak = jnp.max(jnp.abs(x))
+  peak = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
   safe = jnp.where(peak > 0, peak, 1)
-  return peak * jnp.sqrt(jnp.sum((x / safe) ** 2))
+  return peak * jnp.sqrt(jnp.sum((x / safe) ** 2, axis=axes, keepdims=True))
 
 
 def graft(
@@ -89,6 +91,11 @@ def graft(
     if layout is None:
       return _rescale(d, m, eps)
     tensor = layout_lib.tensor_layout(d.shape, layout)
+    view_d, view_m = layout_lib.tiled(d, tensor), layout_lib.tiled(m, tensor)
+    if view_d is not None and view_m is not None:
+      # Equal blocks: per-block norms over the block axes of the tiled view (a reshape).
+      blocks_axes = tuple(range(1, view_d.ndim, 2))
+      return layout_lib.untiled(_rescale(view_d, view_m, eps, blocks_axes), tensor)
     blocks = [
       _rescale(bd, bm, eps)
       for bd, bm in zip(

@@ -146,11 +146,73 @@ def tensor_layout(shape: Sequence[int], config: LayoutConfig) -> TensorLayout:
   return TensorLayout(shape, permutation, work, tuple(blocks))
 
 
-def to_blocks(x: jax.Array, layout: TensorLayout) -> list[jax.Array]:
-  """Cuts a tensor into its blocks."""
+def _work(x: jax.Array, layout: TensorLayout) -> jax.Array:
+  """The tensor in its working shape (permuted, squeezed, merged)."""
   if layout.permutation is not None:
     x = jnp.transpose(x, layout.permutation)
-  x = x.reshape(layout.work_shape)
+  return x.reshape(layout.work_shape)
+
+
+def _unwork(x: jax.Array, layout: TensorLayout) -> jax.Array:
+  """Inverse of :func:`_work`."""
+  if layout.permutation is not None:
+    permuted = tuple(layout.shape[a] for a in layout.permutation)
+    return jnp.transpose(x.reshape(permuted), tuple(int(a) for a in np.argsort(layout.permutation)))
+  return x.reshape(layout.shape)
+
+
+def grid(layout: TensorLayout) -> tuple[int, ...] | None:
+  """Blocks per axis when all blocks have one shape (a regular tiling), else ``None``."""
+  shapes = {block.shape for block in layout.blocks}
+  if len(shapes) != 1:
+    return None
+  (shape,) = shapes
+  return tuple(d // c for d, c in zip(layout.work_shape, shape, strict=True))
+
+
+def tiled(x: jax.Array, layout: TensorLayout) -> jax.Array | None:
+  """A regularly tiled tensor as ``(n_1, c_1, ..., n_k, c_k)`` (``n_i`` blocks of ``c_i`` along
+  axis ``i``): a reshape, no copy. ``None`` when the tiling is not regular."""
+  counts = grid(layout)
+  if counts is None:
+    return None
+  sizes = layout.blocks[0].shape
+  return _work(x, layout).reshape([v for pair in zip(counts, sizes, strict=True) for v in pair])
+
+
+def untiled(x: jax.Array, layout: TensorLayout) -> jax.Array:
+  """Inverse of :func:`tiled`."""
+  return _unwork(x.reshape(layout.work_shape), layout)
+
+
+def to_stack(x: jax.Array, layout: TensorLayout) -> jax.Array:
+  """The blocks of a regularly tiled tensor (:func:`grid` not ``None``) stacked on a new leading
+  axis, ``(len(blocks), *block_shape)`` in the order of ``layout.blocks``: one transpose.
+
+  .. math:: X_{(b_1 c_1 + r_1) \\dots} \\to S_{(b_1 \\dots b_k),\\, r_1 \\dots r_k}
+  """
+  view = tiled(x, layout)
+  if view is None:
+    raise ValueError(f"Blocks of unequal shapes cannot be stacked: {layout.blocks}.")
+  order = view.ndim // 2
+  moved = jnp.transpose(view, [*range(0, 2 * order, 2), *range(1, 2 * order, 2)])
+  return moved.reshape((len(layout.blocks), *layout.blocks[0].shape))
+
+
+def from_stack(stack: jax.Array, layout: TensorLayout) -> jax.Array:
+  """Inverse of :func:`to_stack`."""
+  counts = grid(layout)
+  if counts is None:
+    raise ValueError(f"Blocks of unequal shapes cannot be stacked: {layout.blocks}.")
+  order = len(counts)
+  view = stack.reshape((*counts, *layout.blocks[0].shape))
+  back = [a for axis in range(order) for a in (axis, order + axis)]
+  return untiled(jnp.transpose(view, back), layout)
+
+
+def to_blocks(x: jax.Array, layout: TensorLayout) -> list[jax.Array]:
+  """Cuts a tensor into its blocks."""
+  x = _work(x, layout)
   if len(layout.blocks) == 1:
     return [x]
   return [
@@ -168,10 +230,7 @@ def from_blocks(blocks: Sequence[jax.Array], layout: TensorLayout) -> jax.Array:
     for block, value in zip(layout.blocks, blocks, strict=True):
       index = tuple(slice(s, s + d) for s, d in zip(block.start, block.shape, strict=True))
       x = x.at[index].set(value)
-  if layout.permutation is not None:
-    permuted = tuple(layout.shape[a] for a in layout.permutation)
-    return jnp.transpose(x.reshape(permuted), tuple(int(a) for a in np.argsort(layout.permutation)))
-  return x.reshape(layout.shape)
+  return _unwork(x, layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,22 +292,53 @@ def tree_layout(tree: Any, config: LayoutConfig) -> TreeLayout:
   return TreeLayout(treedef, layouts, buckets, tuple(tuple(w) for w in where))
 
 
+def _runs(rows: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+  """Groups ``(owner, index)`` pairs into runs ``(owner, first, stop)`` of consecutive indices,
+  so that each run is one slice instead of one row at a time."""
+  runs: list[tuple[int, int, int]] = []
+  for owner, index in rows:
+    if runs and runs[-1][0] == owner and runs[-1][2] == index:
+      runs[-1] = (owner, runs[-1][1], index + 1)
+    else:
+      runs.append((owner, index, index + 1))
+  return runs
+
+
 def gather(tree: Any, layout: TreeLayout) -> tuple[jax.Array, ...]:
-  """Returns one stacked array ``(bucket.size, *bucket.shape)`` per bucket (padding: zeros)."""
+  """Returns one stacked array ``(bucket.size, *bucket.shape)`` per bucket (padding: zeros).
+
+  A regularly tiled tensor is cut by one transpose (:func:`to_stack`) and its blocks that sit
+  next to each other in a bucket are taken as one slice; other tensors block by block.
+  """
   leaves = layout.treedef.flatten_up_to(tree)
-  blocks = [to_blocks(leaf, lay) for leaf, lay in zip(leaves, layout.leaves, strict=True)]
-  stacks = []
+  sources: list[Any] = [
+    to_stack(leaf, lay) if grid(lay) is not None else [b[None] for b in to_blocks(leaf, lay)]
+    for leaf, lay in zip(leaves, layout.leaves, strict=True)
+  ]
+
+  def piece(i: int, first: int, stop: int) -> jax.Array:
+    source = sources[i]
+    if isinstance(source, list):
+      parts = source[first:stop]
+      return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    return source[first:stop]
+
+  out = []
   for bucket in layout.buckets:
-    rows = [blocks[i][j] for i, j in bucket.members]
-    padding = [jnp.zeros(bucket.shape, rows[0].dtype)] * bucket.padding
-    stacks.append(jnp.stack(rows + padding))
-  return tuple(stacks)
+    pieces = [piece(*run) for run in _runs(bucket.members)]
+    if bucket.padding:
+      pieces.append(jnp.zeros((bucket.padding, *bucket.shape), pieces[0].dtype))
+    out.append(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces))
+  return tuple(out)
 
 
 def scatter(stacks: Sequence[jax.Array], layout: TreeLayout) -> Any:
   """Inverse of :func:`gather`: rebuilds the pytree from the bucket stacks."""
-  leaves = [
-    from_blocks([stacks[k][row] for k, row in where], lay)
-    for where, lay in zip(layout.where, layout.leaves, strict=True)
-  ]
+  leaves = []
+  for where, lay in zip(layout.where, layout.leaves, strict=True):
+    if grid(lay) is None:
+      leaves.append(from_blocks([stacks[k][row] for k, row in where], lay))
+      continue
+    pieces = [stacks[k][first:stop] for k, first, stop in _runs(where)]
+    leaves.append(from_stack(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces), lay))
   return layout.treedef.unflatten(leaves)

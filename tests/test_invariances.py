@@ -8,6 +8,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kl_precond as kp
 from kl_precond import layout as layout_lib
@@ -380,3 +382,51 @@ def test_dropping_the_bases_needs_an_eigh_refresh_and_cached_roots():
     kp.scale_by_preconditioner(
       kp.frobenius(0.9), kp.eigh_every(3, keep_bases=False), kp.adam(0.9, 0.99, 1e-8)
     )
+
+
+def _numpy_blocks(x: np.ndarray, lay) -> list[np.ndarray]:
+  """The blocks by their definition: permute, reshape to the working shape, slice."""
+  if lay.permutation is not None:
+    x = np.transpose(x, lay.permutation)
+  x = x.reshape(lay.work_shape)
+  return [
+    x[tuple(slice(s, s + d) for s, d in zip(b.start, b.shape, strict=True))] for b in lay.blocks
+  ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+  shapes=st.lists(
+    st.lists(st.integers(1, 9), min_size=0, max_size=4).map(tuple), min_size=1, max_size=4
+  ),
+  max_dim=st.integers(1, 10),
+  blocking=st.booleans(),
+  merge=st.booleans(),
+  channels_last=st.booleans(),
+  multiple=st.integers(1, 3),
+)
+def test_gather_and_scatter_match_the_blocks_definition(
+  shapes, max_dim, blocking, merge, channels_last, multiple
+):
+  """Buckets hold exactly the sliced blocks (regular tilings go through one transpose,
+  others block by block), zero padding after them, and scatter inverts gather."""
+  cfg = kp.LayoutConfig(
+    max_precond_dim=max_dim,
+    blocking=blocking,
+    merge_small_dims=merge,
+    channels_last=channels_last,
+    bucket_multiple=multiple,
+  )
+  rng = np.random.default_rng(0)
+  tree = {f"p{i}": rng.standard_normal(s).astype(np.float32) for i, s in enumerate(shapes)}
+  tree_layout = layout_lib.tree_layout(tree, cfg)
+  stacks = layout_lib.gather(jax.tree.map(jnp.asarray, tree), tree_layout)
+  leaves = jax.tree.leaves(tree)
+  blocks = [_numpy_blocks(x, lay) for x, lay in zip(leaves, tree_layout.leaves, strict=True)]
+  for bucket, stack in zip(tree_layout.buckets, stacks, strict=True):
+    expected = [blocks[i][j] for i, j in bucket.members]
+    expected += [np.zeros(bucket.shape, np.float32)] * bucket.padding
+    np.testing.assert_array_equal(np.asarray(stack), np.stack(expected))
+  back = layout_lib.scatter(stacks, tree_layout)
+  for key, x in tree.items():
+    np.testing.assert_array_equal(np.asarray(back[key]), x)
