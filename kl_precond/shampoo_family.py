@@ -62,6 +62,7 @@ def scale_by_shampoo(
   dtype: Any = None,
   nonfinite: str = "skip",
   cache_roots: bool = True,
+  store_bases: bool = False,
 ) -> optax.GradientTransformation:
   """Shampoo with inverse roots from eigh and optional grafting (Gupta et al. 2018; Shi et al.).
 
@@ -99,9 +100,15 @@ def scale_by_shampoo(
     dtype: storage dtype of all state; eigh runs in float32 or higher.
     nonfinite: ``"skip"`` or ``"propagate"`` calls with NaN/Inf gradients.
     cache_roots: keep the roots ``Q diag((λ+ε)^(-a)) Qᵀ`` from each refresh, so that a step is
-      one product per side, and store them instead of the eigenbases (an eigendecomposition
-      needs no previous basis: ``eigh_every(keep_bases=False)``), so the state is as large.
-      ``False``: store the eigenbases; project, scale and unproject every step.
+      one product per side (faster; one more ``d × d`` matrix per factor). ``False``: project,
+      scale and unproject every step.
+    store_bases: also keep the eigenbases between refreshes. ``False`` (default, with
+      ``cache_roots``): the state holds the roots instead (an eigendecomposition needs no
+      previous basis: ``eigh_every(keep_bases=False)``), one ``d × d`` matrix less per factor.
+      ``True`` can step faster at large blocks: keeping a failed block's previous roots makes XLA
+      copy them through the refresh conditional (update alone on 4 blocks of 1024²: 161 ms
+      without the bases, 145 ms with them; no difference at 256-blocks on a 3.3 M-parameter
+      transformer). ``cache_roots=False`` needs the bases.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -131,7 +138,7 @@ def scale_by_shampoo(
       ridge=eps,
       relative_ridge=eps_mode == "relative",
       eigenvalue_floor=eps,
-      keep_bases=not cache_roots,
+      keep_bases=store_bases or not cache_roots,
       dtype=dtype,
     ),
     scaling.kronecker_eigenvalues(
@@ -178,6 +185,7 @@ def shampoo(
   dtype: Any = None,
   nonfinite: str = "skip",
   cache_roots: bool = True,
+  store_bases: bool = False,
 ) -> optax.GradientTransformation:
   """Shampoo with decoupled weight decay: ``W ← W - η(P + λW)``, ``P`` from
   :func:`scale_by_shampoo` (after grafting, as in Distributed Shampoo).
@@ -205,6 +213,7 @@ def shampoo(
     dtype=dtype,
     nonfinite=nonfinite,
     cache_roots=cache_roots,
+    store_bases=store_bases,
   )
   return _with_decay(direction, learning_rate, weight_decay, mask)
 
@@ -226,6 +235,7 @@ def adamw_shampoo(
   dtype: Any = None,
   nonfinite: str = "skip",
   cache_roots: bool = True,
+  store_bases: bool = False,
 ) -> optax.GradientTransformation:
   """AdamW-style Shampoo: exponents ``(a, b)`` with ``a + b = 1/2``, decoupled weight decay.
 
@@ -258,6 +268,7 @@ def adamw_shampoo(
     dtype: storage dtype of all state.
     nonfinite: ``"skip"`` or ``"propagate"`` calls with NaN/Inf gradients.
     cache_roots: as in :func:`scale_by_shampoo`.
+    store_bases: as in :func:`scale_by_shampoo`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -292,5 +303,6 @@ def adamw_shampoo(
     dtype=dtype,
     nonfinite=nonfinite,
     cache_roots=cache_roots,
+    store_bases=store_bases,
   )
   return _with_decay(direction, learning_rate, weight_decay, mask)

@@ -194,6 +194,31 @@ def test_nonfinite_refresh_keeps_the_basis_and_is_counted(name):
     before = after
 
 
+def _roots(node):
+  return [
+    bucket.scaling.roots
+    for bucket in node.buckets
+    if any(b is not None for b in bucket.basis.bases)
+  ]
+
+
+@pytest.mark.parametrize("name", ["shampoo", "adamw_shampoo"])
+def test_nonfinite_refresh_without_stored_bases_keeps_the_roots(name):
+  """Shampoo's default stores no bases: the cached roots are what a failed refresh keeps."""
+  tx, update = _compiled(name, precondition_frequency=1)
+  grads = _stream()
+  _, state = _run(update, tx.init(PARAMS), grads[:2])
+  state = _set_factors(state, lambda f: jnp.full_like(f, jnp.nan))
+  (before,) = _preconditioner_states(state)
+  roots = _roots(before)
+  assert roots and all(r.size > 0 for r in jax.tree.leaves(roots))
+  out, state = update(grads[2], state, PARAMS)
+  (after,) = _preconditioner_states(state)
+  assert _finite(out)
+  _assert_trees_equal(_roots(after), roots)
+  assert int(after.basis_failures) == int(before.basis_failures) + _factored_blocks(before)
+
+
 OVERFLOW = 1e25  # g² overflows float32 (max 3.4e38) in every factor entry
 
 

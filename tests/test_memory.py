@@ -44,14 +44,18 @@ def test_kl_soap_state_adds_the_second_moment(params):
   assert _per_block_elements(state) == expected
 
 
-@pytest.mark.parametrize("cache_roots", [True, False])
-def test_shampoo_state_is_moment_factors_roots_or_bases_eigenvalues_and_grafting(
-  params, cache_roots
+@pytest.mark.parametrize(
+  ("options", "matrices"),
+  [({}, 2), ({"cache_roots": False}, 2), ({"store_bases": True}, 3)],
+)
+def test_shampoo_state_is_moment_factors_bases_roots_eigenvalues_and_grafting(
+  params, options, matrices
 ):
-  """Per block: ``M`` (N), factors and either the cached roots or the bases (2(m²+n²)),
-  eigenvalues (m+n); Adam grafting adds 2N."""
-  state = kp.shampoo(1e-3, cache_roots=cache_roots).init(params)
-  expected = sum(3 * m * n + 2 * (m * m + n * n) + (m + n) for m, n in SHAPES)
+  """Per block: ``M`` (N); factors and cached roots (default), factors and bases
+  (``cache_roots=False``), or all three (``store_bases=True``); eigenvalues (m+n); Adam grafting
+  adds 2N."""
+  state = kp.shampoo(1e-3, **options).init(params)
+  expected = sum(3 * m * n + matrices * (m * m + n * n) + (m + n) for m, n in SHAPES)
   assert _per_block_elements(state) == expected
 
 
