@@ -106,8 +106,8 @@ def scale_by_shampoo(
       ``cache_roots``): the state holds the roots instead (an eigendecomposition needs no
       previous basis: ``eigh_every(keep_bases=False)``), one ``d × d`` matrix less per factor.
       ``True`` can step faster at large blocks: keeping a failed block's previous roots makes XLA
-      copy them through the refresh conditional (update alone on 4 blocks of 1024²: 161 ms
-      without the bases, 145 ms with them; no difference at 256-blocks on a 3.3 M-parameter
+      copy them through the refresh conditional (update alone on 4 blocks of 1024²: 155-162 ms
+      without the bases, 145-149 ms with them; no difference at 256-blocks on a 3.3 M-parameter
       transformer). ``cache_roots=False`` needs the bases.
 
   Returns:
