@@ -172,8 +172,9 @@ class Refresh:
 
 
 def _placeholder(dtype: Any, batch: tuple[int, ...] = ()) -> jax.Array:
-  """Stands for a basis that is not stored (``keep_bases=False``): an empty array."""
-  return jnp.zeros((*batch, 0), dtype)
+  """Stands for a basis that is not stored (``keep_bases=False``): one zero per block, not an
+  empty array (checkpointers such as orbax refuse to save arrays of size zero)."""
+  return jnp.zeros((*batch, 1), dtype)
 
 
 def qr_every(every: int, *, sort: bool = True, start: int = 0, dtype: Any = None) -> Refresh:
@@ -229,7 +230,7 @@ def eigh_every(
     keep_eigenvalues: store the eigenvalues, for scalings that use them (Shampoo's roots).
     keep_bases: store the bases between refreshes. ``False`` (Shampoo with cached roots): an
       eigendecomposition needs no previous basis, so the bases live only inside the refresh,
-      where the scaling stage builds what it keeps from them; the state holds an empty
+      where the scaling stage builds what it keeps from them; the state holds a one-element
       placeholder per factor. Needs a scaling that caches its roots
       (``kronecker_eigenvalues(cache_roots=True)``); a failed refresh then keeps the
       scaling's previous roots.

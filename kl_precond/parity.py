@@ -373,9 +373,9 @@ def _injector(
       for axis in range(len(bases)):
         key = f"{prefix}/{name}/{axis}"
         # A basis stage that stores no bases (Shampoo's cached roots, ``keep_bases=False``) has
-        # empty placeholders: nothing to overwrite, and its roots do not depend on the choice
+        # one-element placeholders (blocks, 1): nothing to overwrite, and its roots do not depend on the choice
         # of eigenvectors within an eigenspace anyway.
-        if key in arrays and bases[axis] is not None and bases[axis].shape[-1] > 0:
+        if key in arrays and bases[axis] is not None and bases[axis].ndim == 3:
           value = arrays[key] if inject == "q0" else arrays[key][call]
           bases[axis] = bases[axis].at[row].set(jnp.asarray(value, bases[axis].dtype))
       basis = buckets[bucket_id].basis._replace(bases=tuple(bases))

@@ -47,15 +47,17 @@ def test_kl_soap_state_adds_the_second_moment(params):
 @pytest.mark.parametrize(
   ("options", "matrices"),
   [({}, 2), ({"cache_roots": False}, 2), ({"store_bases": True}, 3)],
+  ids=["roots", "bases", "roots_and_bases"],
 )
 def test_shampoo_state_is_moment_factors_bases_roots_eigenvalues_and_grafting(
   params, options, matrices
 ):
   """Per block: ``M`` (N); factors and cached roots (default), factors and bases
   (``cache_roots=False``), or all three (``store_bases=True``); eigenvalues (m+n); Adam grafting
-  adds 2N."""
+  adds 2N. Without stored bases each factor keeps a one-element placeholder."""
   state = kp.shampoo(1e-3, **options).init(params)
-  expected = sum(3 * m * n + matrices * (m * m + n * n) + (m + n) for m, n in SHAPES)
+  placeholders = 2 if options == {} else 0  # per block: one per factor
+  expected = sum(3 * m * n + matrices * (m * m + n * n) + (m + n) + placeholders for m, n in SHAPES)
   assert _per_block_elements(state) == expected
 
 
