@@ -332,8 +332,8 @@ def scale_by_preconditioner(
   if not getattr(basis, "keep_bases", True) and not getattr(scaling, "cache_roots", False):
     raise ValueError(
       "A basis stage with keep_bases=False stores no bases between refreshes, so the scaling "
-      "must keep what it needs from each decomposition (kronecker_eigenvalues(cache_roots=True);"
-      f"); got {type(scaling).__name__} with cache_roots=False."
+      "must keep what it needs from each decomposition (kronecker_eigenvalues(cache_roots=True))"
+      f"; got {type(scaling).__name__} with cache_roots=False."
     )
   stages = _Stages(estimator, basis, scaling, fallback)
   config = layout or layout_lib.LayoutConfig()

@@ -100,8 +100,8 @@ def scale_by_shampoo(
     dtype: storage dtype of all state; eigh runs in float32 or higher.
     nonfinite: ``"skip"`` or ``"propagate"`` calls with NaN/Inf gradients.
     cache_roots: keep the roots ``Q diag((λ+ε)^(-a)) Qᵀ`` from each refresh, so that a step is
-      one product per side (faster; one more ``d × d`` matrix per factor). ``False``: project,
-      scale and unproject every step.
+      one product per side (faster; the roots take the place of the bases in the state unless
+      ``store_bases``). ``False``: store the bases; project, scale and unproject every step.
     store_bases: also keep the eigenbases between refreshes. ``False`` (default, with
       ``cache_roots``): the state holds the roots instead (an eigendecomposition needs no
       previous basis: ``eigh_every(keep_bases=False)``), one ``d × d`` matrix less per factor.
