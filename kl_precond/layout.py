@@ -318,17 +318,15 @@ def gather(tree: Any, layout: TreeLayout) -> tuple[jax.Array, ...]:
 
   def piece(i: int, first: int, stop: int) -> jax.Array:
     source = sources[i]
-    if isinstance(source, list):
-      parts = source[first:stop]
-      return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-    return source[first:stop]
+    # (jnp.concatenate of one array is that array: no copy.)
+    return jnp.concatenate(source[first:stop]) if isinstance(source, list) else source[first:stop]
 
   out = []
   for bucket in layout.buckets:
     pieces = [piece(*run) for run in _runs(bucket.members)]
     if bucket.padding:
       pieces.append(jnp.zeros((bucket.padding, *bucket.shape), pieces[0].dtype))
-    out.append(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces))
+    out.append(jnp.concatenate(pieces))
   return tuple(out)
 
 
@@ -340,5 +338,5 @@ def scatter(stacks: Sequence[jax.Array], layout: TreeLayout) -> Any:
       leaves.append(from_blocks([stacks[k][row] for k, row in where], lay))
       continue
     pieces = [stacks[k][first:stop] for k, first, stop in _runs(where)]
-    leaves.append(from_stack(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces), lay))
+    leaves.append(from_stack(jnp.concatenate(pieces), lay))
   return layout.treedef.unflatten(leaves)
