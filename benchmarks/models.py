@@ -369,6 +369,20 @@ def chunk_medians(runner: StepRunner, chunk: int) -> np.ndarray:
   return np.asarray([np.median(times[i : i + chunk]) for i in range(0, len(times), chunk)])
 
 
+def add_ratios(results: dict[str, Any], runners: Sequence[StepRunner], chunk: int) -> None:
+  """Ratios to AdamW of the same run: of medians, paired per round, and of amortised to mean."""
+  base = next((r for r in runners if r.name == "adamw"), None)
+  if base is None:
+    return
+  base_chunks = chunk_medians(base, chunk)
+  adamw = results["adamw"]
+  for runner in runners:
+    summary = results[runner.name]
+    summary["ratio_median"] = summary["median_ms"] / adamw["median_ms"]
+    summary["ratio_paired"] = float(np.median(chunk_medians(runner, chunk) / base_chunks))
+    summary["ratio_amortised"] = summary["amortised_ms"] / adamw["mean_ms"]
+
+
 def refresh_schedule(
   runner: StepRunner, frequency: int, threshold: float = 1.3
 ) -> Callable[[int], bool] | None:

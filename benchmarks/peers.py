@@ -230,7 +230,6 @@ def worker(
   that hangs ends the process after writing the error to ``result_json`` (``models.Watchdog``);
   any other failure of the run is returned as ``error`` with the runner that raised.
   """
-  import numpy as np
   import optax
   from tqdm import tqdm
 
@@ -289,13 +288,7 @@ def worker(
     periodic = r.name in specs or r.name.startswith("dist_")
     schedule = models.refresh_schedule(r, frequency) if periodic else None
     summaries[r.name] = models.summarize(r, schedule, frequency)
-  adamw, base_chunks = summaries["adamw"], models.chunk_medians(runners[0], settings["chunk"])
-  for r in runners:
-    summary = summaries[r.name]
-    summary["ratio_median"] = summary["median_ms"] / adamw["median_ms"]
-    summary["ratio_amortised"] = summary["amortised_ms"] / adamw["mean_ms"]
-    chunks = models.chunk_medians(r, settings["chunk"])
-    summary["ratio_paired"] = float(np.median(chunks / base_chunks))
+  models.add_ratios(summaries, runners, settings["chunk"])
   result.update(results=summaries, steps=steps, warmup=warmup, frequency=frequency)
   return result
 

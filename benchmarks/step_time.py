@@ -123,7 +123,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     )
     for r in runners
   }
-  _add_ratios(results, runners, spec["chunk"])
+  models.add_ratios(results, runners, spec["chunk"])
   return {
     "results": results,
     "skipped": skipped,
@@ -169,20 +169,6 @@ def measure_isolated(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         dropped[method] = f"hung twice ({'; '.join(hangs[method])}): XLA CPU deadlock"
         spec["methods"] = [m for m in spec["methods"] if m != method]
   raise RuntimeError(f"step_time: too many hangs: {hangs}")
-
-
-def _add_ratios(results: dict[str, Any], runners: Sequence[models.StepRunner], chunk: int) -> None:
-  """Ratios to AdamW of the same run: of medians, paired per round, and of amortised to mean."""
-  base = next((r for r in runners if r.name == "adamw"), None)
-  if base is None:
-    return
-  base_chunks = models.chunk_medians(base, chunk)
-  adamw = results["adamw"]
-  for runner in runners:
-    summary = results[runner.name]
-    summary["ratio_median"] = summary["median_ms"] / adamw["median_ms"]
-    summary["ratio_paired"] = float(np.median(models.chunk_medians(runner, chunk) / base_chunks))
-    summary["ratio_amortised"] = summary["amortised_ms"] / adamw["mean_ms"]
 
 
 def run(
