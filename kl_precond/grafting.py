@@ -125,8 +125,10 @@ def graft(
       m, new_magnitude = magnitude.update(updates, state.magnitude, params)
       out = graft_update(d, m, state.count)
       out = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), out)
-      magnitude_state = jax.tree.map(
-        lambda n, o: jnp.where(ok, n, o), new_magnitude, state.magnitude
+      # Selected only once ``out`` exists, so the old moments have no reader left when the
+      # select overwrites them: XLA then updates them in place instead of copying them first.
+      magnitude_state = tensor_ops.after(
+        jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_magnitude, state.magnitude), out
       )
       count = jnp.where(ok, optax.safe_increment(state.count), state.count)
       # A non-finite step from finite state (only with graft eps = 0): a zero update.

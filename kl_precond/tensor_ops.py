@@ -134,4 +134,6 @@ def after(x: Any, dependency: Any) -> Any:
   keep = jnp.logical_not(
     jnp.stack([jnp.real(a).astype(jnp.float32) for a in anchors]).max() > jnp.inf
   )
+  # Computed once: XLA would otherwise fuse the anchors' producers into every select.
+  keep = jax.lax.optimization_barrier(keep)
   return jax.tree.map(lambda a: jnp.where(keep, a, jnp.zeros_like(a)), x)
