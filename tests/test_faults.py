@@ -103,7 +103,9 @@ def test_nonfinite_gradient_is_skipped_and_forgotten(name, kind):
   tx, update = _compiled(name)
   grads = _stream()
   clean_updates, clean_state = _run(update, tx.init(PARAMS), grads)
-  for position in (0, 3):  # the very first call (before the first basis) and a later one
+  # The very first call (before the first basis), then calls on and off the refresh schedule
+  # (every 2 calls; the counters of "init_only" and "identity" methods are one apart).
+  for position in (0, 1, 2, 3):
     _, state = _run(update, tx.init(PARAMS), grads[:position])
     bad_update, after = update(_bad(grads[position], kind), state, PARAMS)
     for leaf in jax.tree.leaves(bad_update):
