@@ -22,7 +22,13 @@ from kl_precond.alias import (
 )
 from kl_precond.basis import BasisState, eigh_every, qr_every
 from kl_precond.estimators import FrobeniusState, KLState, frobenius, kl
-from kl_precond.grafting import GraftState, MagnitudeState, graft, graft_magnitude
+from kl_precond.grafting import (
+  GraftState,
+  HoldingTransformation,
+  MagnitudeState,
+  graft,
+  graft_magnitude,
+)
 from kl_precond.layout import LayoutConfig
 from kl_precond.preconditioner import BucketState, PreconditionerState, scale_by_preconditioner
 from kl_precond.scaling import AdamState, MomentumState, adam, kronecker_eigenvalues
@@ -50,6 +56,7 @@ __all__ = [
   "BucketState",
   "FrobeniusState",
   "GraftState",
+  "HoldingTransformation",
   "KLState",
   "LayoutConfig",
   "MagnitudeState",

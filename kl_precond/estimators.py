@@ -67,20 +67,27 @@ class Frobenius:
     return self.update(grad, state, (None,) * grad.ndim)
 
   def update(
-    self, grad: jax.Array, state: FrobeniusState, bases: Scales, initial: Any = None
+    self,
+    grad: jax.Array,
+    state: FrobeniusState,
+    bases: Scales,
+    initial: Any = None,
+    hold: Any = None,
   ) -> FrobeniusState:
     """Folds one gradient block into the factors; ``bases`` is unused.
 
     ``initial`` (a flag, possibly traced) marks the first call; from the zero initial state the
-    update already equals :meth:`first`, so it is unused too.
+    update already equals :meth:`first`, so it is unused too. Where the traced flag ``hold`` is
+    set the factors come back unchanged, whatever ``grad`` holds.
     """
     del bases, initial
+    beta, weight = tensor_ops.held(hold, self.beta, 1 - self.beta)
     factors = tuple(
       None
       if factor is None
-      else (self.beta * factor + (1 - self.beta) * tensor_ops.mode_gram(grad, axis)).astype(
-        factor.dtype
-      )
+      else (
+        beta * factor + weight * tensor_ops.zeroed(tensor_ops.mode_gram(grad, axis), hold)
+      ).astype(factor.dtype)
       for axis, factor in enumerate(state.factors)
     )
     return FrobeniusState(factors)
@@ -162,9 +169,12 @@ class KL:
     )
     return KLState(factors, state.inverse_roots)
 
-  def _fold(self, factor: jax.Array, gram: jax.Array, grad: jax.Array, axis: int) -> jax.Array:
+  def _fold(
+    self, factor: jax.Array, gram: jax.Array, grad: jax.Array, axis: int, hold: Any = None
+  ) -> jax.Array:
     weight = (1 - self.beta) / (math.prod(grad.shape) / grad.shape[axis])
-    return (factor * self.beta + weight * gram).astype(factor.dtype)
+    beta, weight = tensor_ops.held(hold, self.beta, weight)
+    return (factor * beta + weight * tensor_ops.zeroed(gram, hold)).astype(factor.dtype)
 
   def _whitened(self, grad: jax.Array, bases: Scales, roots: Scales, axis: int) -> jax.Array:
     """``G ×_j (Q_j diag s_j)ᵀ`` on every factored axis ``j ≠ axis``."""
@@ -174,10 +184,16 @@ class KL:
     return grad
 
   def _update_factor(
-    self, grad: jax.Array, factor: jax.Array, bases: Scales, roots: Scales, axis: int
+    self,
+    grad: jax.Array,
+    factor: jax.Array,
+    bases: Scales,
+    roots: Scales,
+    axis: int,
+    hold: Any = None,
   ) -> jax.Array:
     whitened = self._whitened(grad, bases, roots, axis)
-    return self._fold(factor, tensor_ops.mode_gram(whitened, axis), grad, axis)
+    return self._fold(factor, tensor_ops.mode_gram(whitened, axis), grad, axis, hold)
 
   def _update_root(
     self, projected: jax.Array, roots: Scales, axis: int, damping: jax.Array
@@ -205,7 +221,9 @@ class KL:
     total = self.damping * math.prod(traces)
     return [total / tau for tau in traces]
 
-  def update(self, grad: jax.Array, state: KLState, bases: Scales, initial: Any = None) -> KLState:
+  def update(
+    self, grad: jax.Array, state: KLState, bases: Scales, initial: Any = None, hold: Any = None
+  ) -> KLState:
     """Folds one gradient block into the factors and the eigenvalue estimates.
 
     Order 3 follows the reference's sequential mode order exactly (factor 3, factor 2, ``s_3``,
@@ -217,6 +235,8 @@ class KL:
     state must be the initial one, whose bases are the identity): the factors fold the raw
     gradient (no whitening) and the eigenvalue estimates are left as they are. Selecting the
     whitening scales, not the branch, keeps the projection of ``G`` shared with the direction.
+    Where the traced flag ``hold`` is set, the state comes back unchanged, whatever ``grad``
+    holds.
     """
     factors, roots = list(state.factors), list(state.inverse_roots)
     dtype = jnp.promote_types(grad.dtype, jnp.float32)
@@ -236,7 +256,7 @@ class KL:
       for axis in (2, 1):
         factor = factors[axis]
         if factor is not None:
-          factors[axis] = self._update_factor(grad, factor, bases, whitening(old), axis)
+          factors[axis] = self._update_factor(grad, factor, bases, whitening(old), axis, hold)
       for axis in (2, 1):
         if roots[axis] is not None:
           roots[axis] = self._update_root(
@@ -245,18 +265,19 @@ class KL:
       first_factor = factors[0]
       if first_factor is not None:
         mixed = [old[0], roots[1], old[2]]
-        factors[0] = self._update_factor(grad, first_factor, bases, whitening(mixed), 0)
+        factors[0] = self._update_factor(grad, first_factor, bases, whitening(mixed), 0, hold)
         roots[0] = self._update_root(projected, mixed, 0, dampings[0])
     else:
       old = list(roots)
       for axis in active:
         factor = factors[axis]
         assert factor is not None
-        factors[axis] = self._update_factor(grad, factor, bases, whitening(old), axis)
+        factors[axis] = self._update_factor(grad, factor, bases, whitening(old), axis, hold)
         roots[axis] = self._update_root(projected, old, axis, dampings[axis])
-    if initial is not None:
+    keep = initial if hold is None else hold if initial is None else initial | hold
+    if keep is not None:  # one select on a vector per axis
       roots = [
-        None if r is None or o is None else jnp.where(initial, o, r)
+        None if r is None or o is None else jnp.where(keep, o.astype(r.dtype), r)
         for r, o in zip(roots, state.inverse_roots, strict=True)
       ]
     stored = tuple(

@@ -71,7 +71,9 @@ def graft(
     nonfinite: ``"skip"``: a call with a NaN/Inf gradient, or one whose squared norm (of any
       tensor) exceeds the range of the magnitude's state dtype, so that its moments could
       overflow, returns zeros and keeps the magnitude's state and the step counter (the direction
-      handles its own state); a float16 magnitude state is instead checked after the step.
+      handles its own state); a float16 magnitude state is instead checked after the step. A
+      :class:`HoldingTransformation` magnitude (:func:`graft_magnitude`) keeps its state itself,
+      in place; any other is selected against its previous state.
       ``"propagate"``: no check.
 
   Returns:
@@ -121,15 +123,19 @@ def graft(
         )
       )
 
-      # Known before the step, the flag's selects fuse into the moment updates (one pass).
-      m, new_magnitude = magnitude.update(updates, state.magnitude, params)
-      out = graft_update(d, m, state.count)
+      if isinstance(magnitude, HoldingTransformation):
+        # The magnitude holds its own state (rewritten in place, unchanged) on a skipped call.
+        m, magnitude_state = magnitude.update(updates, state.magnitude, params, hold=~ok)
+        out = graft_update(d, m, state.count)
+      else:
+        m, new_magnitude = magnitude.update(updates, state.magnitude, params)
+        out = graft_update(d, m, state.count)
+        # Selected only once ``out`` exists, so the old state has no reader left when the
+        # select overwrites it, and XLA can update it in place.
+        magnitude_state = tensor_ops.after(
+          jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_magnitude, state.magnitude), out
+        )
       out = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), out)
-      # Selected only once ``out`` exists, so the old moments have no reader left when the
-      # select overwrites them: XLA then updates them in place instead of copying them first.
-      magnitude_state = tensor_ops.after(
-        jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_magnitude, state.magnitude), out
-      )
       count = jnp.where(ok, optax.safe_increment(state.count), state.count)
       # A non-finite step from finite state (only with graft eps = 0): a zero update.
       finite = tensor_ops.all_finite(out)
@@ -157,9 +163,18 @@ class MagnitudeState(NamedTuple):
   nu: Any  # params-shaped second moment
 
 
+class HoldingTransformation(optax.GradientTransformationExtraArgs):
+  """A transform whose ``update`` takes a keyword ``hold``: a traced flag (or None) where set,
+  the state comes back unchanged whatever the gradient holds (NaN included), and the update is
+  meaningless. :func:`graft` skips a call through it, so the moments are rewritten in place
+  (EMA weights ``(1, 0)``) instead of being selected against a copy of the old ones."""
+
+  __slots__ = ()
+
+
 def graft_magnitude(
   kind: str = "adam", b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, *, dtype: Any = None
-) -> optax.GradientTransformation:
+) -> HoldingTransformation:
   """The diagonal optimizers used as grafting magnitudes (Distributed Shampoo's options).
 
   All share the bias-corrected filtered gradient ``Ḡ = M / (1 - β₁ᵗ)``,
@@ -176,51 +191,63 @@ def graft_magnitude(
     b2: EMA weight of the second moment (RMSprop, Adam).
     eps: added to the root of the second moment.
     dtype: storage dtype of the moments (``None``: the parameters'; the arithmetic runs in
-      float32 at least). With ``None``, ``"adam"`` and ``"sgd"`` are exactly
-      ``optax.scale_by_adam`` and ``optax.ema(debias=True)``.
+      float32 at least). With ``None``, ``"adam"`` and ``"sgd"`` do the arithmetic of
+      ``optax.scale_by_adam`` and ``optax.ema(debias=True)``, op for op (bit for bit outside
+      ``jit``; under ``jit`` XLA may fuse the two differently), in their state types.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    A :class:`HoldingTransformation` (an ``optax.GradientTransformationExtraArgs``).
   """
   check_choice("grafting", kind, ("sgd", "adagrad", "rmsprop", "adam"))
   check_beta("b1", b1)
   check_beta("b2", b2)
   check_nonnegative("eps", eps)
-  if dtype is None and kind == "adam":
-    return optax.scale_by_adam(b1, b2, eps)
-  if dtype is None and kind == "sgd":
-    return optax.ema(b1, debias=True)
+  # optax's own state types (and arithmetic in the moments' dtype) for its two optimizers.
+  as_optax = dtype is None and kind in ("adam", "sgd")
 
-  def init_fn(params: Any) -> MagnitudeState:
+  def init_fn(params: Any) -> Any:
+    if as_optax and kind == "adam":
+      return optax.scale_by_adam(b1, b2, eps).init(params)
+    if as_optax:
+      return optax.ema(b1, debias=True).init(params)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, dtype or p.dtype), params)
     return MagnitudeState(jnp.zeros((), jnp.int32), zeros, zeros)
 
-  def one(m: jax.Array, v: jax.Array, g: jax.Array, count: jax.Array) -> tuple[Any, Any, Any]:
-    work = jnp.promote_types(m.dtype, jnp.float32)
-    g = g.astype(work)
-    new_m = b1 * m.astype(work) + (1 - b1) * g
-    if kind == "adagrad":  # a sum over calls: saturate instead of overflowing to inf
-      new_v = jnp.minimum(v.astype(work) + g**2, jnp.finfo(v.dtype).max)
-    else:
-      new_v = b2 * v.astype(work) + (1 - b2) * g**2
-    filtered = new_m / (1 - jnp.asarray(b1, work) ** count)
-    corrected = new_v / (1 - jnp.asarray(b2, work) ** count) if kind == "adam" else new_v
-    out = filtered if kind == "sgd" else filtered / (jnp.sqrt(corrected) + eps)
-    return out, new_m.astype(m.dtype), new_v.astype(v.dtype)
+  def work(x: jax.Array) -> Any:
+    return x.dtype if as_optax else jnp.promote_types(x.dtype, jnp.float32)
 
-  def update_fn(updates: Any, state: MagnitudeState, params: Any = None) -> tuple[Any, Any]:
-    del params
+  def update_fn(
+    updates: Any, state: Any, params: Any = None, *, hold: Any = None, **extra_args: Any
+  ) -> tuple[Any, Any]:
+    del params, extra_args
     count = optax.safe_increment(state.count)
-    moments, structure = jax.tree.flatten(state.mu)
-    treedef: Any = structure
-    grads = treedef.flatten_up_to(updates)
-    results = [
-      one(m, v, g, count)
-      for m, v, g in zip(moments, treedef.flatten_up_to(state.nu), grads, strict=True)
-    ]
-    out = treedef.unflatten([r[0].astype(g.dtype) for r, g in zip(results, grads, strict=True)])
-    mu = treedef.unflatten([r[1] for r in results])
-    nu = treedef.unflatten([r[2] for r in results])
-    return out, MagnitudeState(count, mu, nu)
+    if hold is not None:
+      count = jnp.where(hold, state.count, count)
+    first = state.ema if isinstance(state, optax.EmaState) else state.mu
+    grads = jax.tree.map(lambda g, m: tensor_ops.zeroed(g.astype(work(m)), hold), updates, first)
+    beta1, weight1 = tensor_ops.held(hold, b1, 1 - b1)
+    mu = jax.tree.map(lambda m, g: beta1 * m.astype(g.dtype) + weight1 * g, first, grads)
+    # optax's bias correction on the whole tree, as optax calls it: bit for bit the same.
+    out = optax.tree_utils.tree_bias_correction(mu, b1, count)
+    mu = jax.tree.map(lambda new, old: new.astype(old.dtype), mu, first)
+    if isinstance(state, optax.EmaState):
+      new_state: Any = optax.EmaState(count, mu)
+    elif kind == "sgd":
+      new_state = state._replace(count=count, mu=mu)
+    else:
+      if kind == "adagrad":  # a sum over calls: saturate instead of overflowing to inf
+        nu = jax.tree.map(
+          lambda v, g: jnp.minimum(v.astype(g.dtype) + g**2, jnp.finfo(v.dtype).max),
+          state.nu,
+          grads,
+        )
+      else:
+        beta2, weight2 = tensor_ops.held(hold, b2, 1 - b2)
+        nu = jax.tree.map(lambda v, g: beta2 * v.astype(g.dtype) + weight2 * g**2, state.nu, grads)
+      second = optax.tree_utils.tree_bias_correction(nu, b2, count) if kind == "adam" else nu
+      out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), out, second)
+      nu = jax.tree.map(lambda new, old: new.astype(old.dtype), nu, state.nu)
+      new_state = state._replace(count=count, mu=mu, nu=nu)
+    return jax.tree.map(lambda o, g: o.astype(g.dtype), out, updates), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return HoldingTransformation(init_fn, update_fn)

@@ -110,8 +110,7 @@ def _first(
 
 
 def _select(flag: Any, old: Any, new: Any) -> Any:
-  """``old`` where the traced flag is set, else ``new``, leaf by leaf (elementwise selects, which
-  XLA fuses into the update that computed ``new`` and runs in place; a conditional copies)."""
+  """``old`` where the traced flag is set, else ``new``, leaf by leaf."""
   if flag is None:
     return new
   return jax.tree.map(lambda n, o: jnp.where(flag, o, n), new, old)
@@ -154,9 +153,9 @@ def _direction(
   grads: jax.Array,
   state: BucketState,
   step: Any,
-  initial: Any = None,
+  hold: Any = None,
 ) -> tuple[jax.Array, BucketState]:
-  """The scaling stage's direction; where the traced flag ``initial`` is set (the first call of
+  """The scaling stage's direction; where the traced flag ``hold`` is set (the first call of
   ``first_call="init_only"``, or a skipped call) the direction is zero and the scaling state is
   left as it was."""
   scaling = stages.scaling_for(bucket)
@@ -164,12 +163,12 @@ def _direction(
     eigenvalues = jax.vmap(stages.estimator.eigenvalues)(state.estimator, state.basis)
   else:
     eigenvalues = (None,) * len(bucket.shape)
-  direction, scaling_state = jax.vmap(scaling.update, in_axes=(0, 0, 0, 0, None))(
-    grads, state.scaling, state.basis.bases, eigenvalues, step
+  # The flag holds the moments through the stage's EMA weights (1, 0): no select of new against
+  # old state, which would make XLA copy the moments every call.
+  direction, scaling_state = jax.vmap(scaling.update, in_axes=(0, 0, 0, 0, None, None))(
+    grads, state.scaling, state.basis.bases, eigenvalues, step, hold
   )
-  if initial is not None:
-    direction = jnp.where(initial, jnp.zeros_like(direction), direction)
-    scaling_state = tensor_ops.after(_select(initial, state.scaling, scaling_state), direction)
+  direction = tensor_ops.zeroed(direction, hold)
   return direction, state._replace(scaling=scaling_state)
 
 
@@ -198,9 +197,8 @@ def _statistics(
 
   # On the first call ``update`` acts as ``first`` (the estimator selects, elementwise): a
   # conditional here would hide the gradient's projection from the direction's (no sharing).
-  fold = jax.vmap(stages.estimator.update, in_axes=(0, 0, 0, None))
-  estimator = fold(grads, state.estimator, state.basis.bases, initial)
-  state = state._replace(estimator=_select(hold, state.estimator, estimator))
+  fold = jax.vmap(stages.estimator.update, in_axes=(0, 0, 0, None, None))
+  state = state._replace(estimator=fold(grads, state.estimator, state.basis.bases, initial, hold))
 
   # The branches return only what a refresh changes: state passed through a conditional is
   # copied on every call, so the (read-only) factors are not.
@@ -444,11 +442,12 @@ def scale_by_preconditioner(
       kept = state._replace(skipped=optax.safe_increment(state.skipped))
       new = jax.lax.cond(ok, lambda: new, lambda: (zeros, kept))
     elif nonfinite == "skip":
-      # Decided before the step, from the gradient alone. Every stage's new state is then
-      # selected against its old one right where it is computed (elementwise selects that XLA
-      # fuses into the EMAs and runs in place), and a skipped call refreshes nothing. A
-      # conditional around the step instead made XLA copy the state through it on every call
-      # (20 ms of Shampoo's 88 ms update on the benchmark transformer).
+      # Decided before the step, from the gradient alone. A skipped call then gives every
+      # stage the flag ``hold`` (its EMAs take the weights (1, 0) and a zeroed statistic, so
+      # the state is rewritten in place, unchanged) and refreshes nothing. A conditional
+      # around the step instead made XLA copy the state through it on every call (20 ms of
+      # Shampoo's 88 ms update on the benchmark transformer); so did selecting the new state
+      # against the old one, in jax 0.5.
       ok = _within_range(stages, tree, grads, state.buckets)
       new = accept(state, ~ok)
       # Only reachable through the direction itself (e.g. eps = 0 with a zero second moment):

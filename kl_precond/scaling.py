@@ -64,13 +64,23 @@ class Adam:
     return AdamState(zeros, zeros)
 
   def update(
-    self, grad: jax.Array, state: AdamState, bases: Bases, eigenvalues: Any, step: jax.Array
+    self,
+    grad: jax.Array,
+    state: AdamState,
+    bases: Bases,
+    eigenvalues: Any,
+    step: jax.Array,
+    hold: Any = None,
   ) -> tuple[jax.Array, AdamState]:
+    """The direction and the new moments; where the traced flag ``hold`` is set the moments
+    come back unchanged, whatever ``grad`` holds (the direction is then meaningless)."""
     del eigenvalues
     dtype = _compute_dtype(state.mu.dtype)
-    projected = tensor_ops.project(grad.astype(dtype), bases)
-    mu = self.b1 * state.mu.astype(dtype) + (1 - self.b1) * projected
-    nu = self.b2 * state.nu.astype(dtype) + (1 - self.b2) * projected**2
+    projected = tensor_ops.zeroed(tensor_ops.project(grad.astype(dtype), bases), hold)
+    b1, w1 = tensor_ops.held(hold, self.b1, 1 - self.b1)
+    b2, w2 = tensor_ops.held(hold, self.b2, 1 - self.b2)
+    mu = b1 * state.mu.astype(dtype) + w1 * projected
+    nu = b2 * state.nu.astype(dtype) + w2 * projected**2
     direction = tensor_ops.unproject(mu / (jnp.sqrt(nu) + self.eps), bases)
     if self.bias_correction:
       direction = direction * _adam_correction(self.b1, self.b2, step, direction.dtype)
@@ -214,8 +224,16 @@ class KroneckerEigenvalues:
     return scale
 
   def update(
-    self, grad: jax.Array, state: MomentumState, bases: Bases, eigenvalues: Any, step: jax.Array
+    self,
+    grad: jax.Array,
+    state: MomentumState,
+    bases: Bases,
+    eigenvalues: Any,
+    step: jax.Array,
+    hold: Any = None,
   ) -> tuple[jax.Array, MomentumState]:
+    """The direction and the new moment; where the traced flag ``hold`` is set the moment comes
+    back unchanged, whatever ``grad`` holds (the direction is then meaningless)."""
     if any(v is None for v, b in zip(eigenvalues, bases, strict=True) if b is not None):
       raise ValueError(
         "kronecker_eigenvalues needs eigenvalue estimates for every factored axis: use the kl() "
@@ -223,7 +241,8 @@ class KroneckerEigenvalues:
       )
     dtype = _compute_dtype(state.mu.dtype)
     old = state.mu.astype(dtype)
-    mu = old + (1 - self.b1) * (grad.astype(dtype) - old)
+    _, weight = tensor_ops.held(hold, self.b1, 1 - self.b1)
+    mu = old + weight * (tensor_ops.zeroed(grad.astype(dtype), hold) - old)
     moment = mu
     if self.bias_correction:
       moment = mu / (1 - jnp.asarray(self.b1, dtype) ** step.astype(dtype))

@@ -111,6 +111,23 @@ def permute_axis(x: jax.Array, permutation: jax.Array | None, axis: int) -> jax.
   return jnp.take(x, permutation, axis=axis)
 
 
+def held(hold: Any, beta: Any, weight: Any) -> tuple[Any, Any]:
+  """EMA weights ``(β, w)``, or ``(1, 0)`` where the traced flag ``hold`` is set (None: never).
+
+  With a zeroed statistic (:func:`zeroed`), ``β·x + w·s`` is then ``x`` exactly (for finite
+  ``x``): a skipped call leaves an EMA in place, where XLA can update it, instead of selecting
+  between a new and an old copy.
+  """
+  if hold is None:
+    return beta, weight
+  return jnp.where(hold, 1, beta), jnp.where(hold, 0, weight)
+
+
+def zeroed(x: jax.Array, hold: Any) -> jax.Array:
+  """``x``, or zeros where the traced flag ``hold`` is set (None: never), so NaN cannot leak."""
+  return x if hold is None else jnp.where(hold, jnp.zeros_like(x), x)
+
+
 def after(x: Any, dependency: Any) -> Any:
   """``x``, computed only once ``dependency`` is: a real data dependency that changes no value.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -285,3 +286,23 @@ def test_cache_roots_and_store_bases_give_the_same_steps(factory):
     if r is not None
   ]
   assert {r.shape[-1] for r in roots} >= {6, 4}
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.float32])
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "rmsprop", "adam"])
+def test_magnitudes_hold_their_state_under_the_flag(kind, dtype):
+  """``hold=True`` (a skipped call) returns the state bit for bit, even for a NaN gradient;
+  ``hold=False`` is the plain update."""
+  rng = np.random.default_rng(8)
+  params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+  tx = kp.graft_magnitude(kind, 0.8, 0.9, 1e-3, dtype=dtype)
+  state = tx.init(params)
+  for _ in range(2):
+    grads = {k: jnp.asarray(rng.standard_normal(v.shape)) for k, v in params.items()}
+    _, state = tx.update(grads, state)
+  nan = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads)
+  _, held = jax.jit(functools.partial(tx.update, hold=jnp.asarray(True)))(nan, state)
+  jax.tree.map(np.testing.assert_array_equal, held, state)
+  plain = tx.update(grads, state)
+  flagged = tx.update(grads, state, hold=jnp.asarray(False))
+  jax.tree.map(np.testing.assert_array_equal, flagged, plain)
