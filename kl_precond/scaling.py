@@ -287,7 +287,10 @@ def resolve_exponent(exponents: Any, axis: int, order: int) -> Any:
 
   ``exponents`` is ``None`` (``1/(2·order)``), one number, a per-axis sequence, or a mapping
   ``{order: number | sequence | {axis: number}}`` (Distributed Shampoo's
-  ``inverse_exponent_override``; orders and axes it does not name take ``1/(2·order)``).
+  ``inverse_exponent_override``; orders and axes it does not name take ``1/(2·order)``). A
+  per-axis sequence of length ``L`` stands for ``{L: sequence}``: it sets the blocks of order
+  ``L``, and blocks of other orders take ``1/(2·order)`` (as ``shampoo``'s choice of unfactored
+  axes reads it), never an entry meant for another axis.
   """
   default = 1.0 / (2 * order)
   if exponents is None:
@@ -300,7 +303,7 @@ def resolve_exponent(exponents: Any, axis: int, order: int) -> Any:
       return entry.get(axis, default)
     return resolve_exponent(entry, axis, order)
   if isinstance(exponents, (tuple, list)) or getattr(exponents, "ndim", 0) == 1:
-    return exponents[axis]
+    return exponents[axis] if len(exponents) == order else default
   return exponents
 
 
@@ -330,8 +333,9 @@ def kronecker_eigenvalues(
   Args:
     b1: momentum EMA weight in ``[0, 1)``.
     eps: the regulariser, ``>= 0``; where it enters is set by ``eps_placement``.
-    exponents: ``a_i``: one number for every axis, a per-axis tuple, ``None`` for ``1/(2k)``
-      on a block of order ``k``, or a per-order mapping (see :func:`resolve_exponent`).
+    exponents: ``a_i``: one number for every axis, a per-axis tuple (for blocks of its
+      length's order), ``None`` for ``1/(2k)`` on a block of order ``k``, or a per-order
+      mapping (see :func:`resolve_exponent`).
     eps_placement: ``"outside"`` (KL-Shampoo) or ``"inside"`` (Shampoo).
     bias_correction: divide the momentum by ``1 - β₁ᵗ``.
     dtype: storage dtype of ``M`` (default: the parameter's dtype).

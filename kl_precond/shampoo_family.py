@@ -85,8 +85,9 @@ def scale_by_shampoo(
     b2: EMA weight of the factors.
     eps: ``ε``: the ridge added inside the root, and the eigenvalue floor.
     exponents: ``a, b, …``: ``None`` for ``1/(2k)`` on an order-``k`` block, a number, a
-      per-axis tuple, or ``{order: {axis: exponent}}`` (Distributed Shampoo's
-      ``inverse_exponent_override``). A concrete ``0`` gives that axis no factor at all.
+      per-axis tuple (for the blocks of its length's order; others take ``1/(2k)``), or
+      ``{order: {axis: exponent}}`` (Distributed Shampoo's ``inverse_exponent_override``). A
+      concrete ``0`` gives that axis no factor at all.
     precondition_frequency: ``T``, steps between root recomputations (static).
     start_preconditioning_step: first step with roots (``None``: ``T``) (static).
     grafting_type: ``"adam"``, ``"rmsprop"``, ``"adagrad"``, ``"sgd"`` or ``None``.

@@ -239,6 +239,33 @@ def test_bad_options_are_refused():
     kp.adamw_shampoo(exponents=(0.5, 0.5))
 
 
+def test_a_per_axis_tuple_sets_only_the_blocks_of_its_order():
+  """``exponents=(a, b)`` means ``{2: (a, b)}``: a 3-tensor and a vector take ``1/(2k)`` (they
+  raised an IndexError, or read the matrix's entries, before), and the matrix its pair."""
+  rng = np.random.default_rng(3)
+  params = {"m": jnp.zeros((6, 4)), "t": jnp.zeros((3, 4, 5)), "v": jnp.zeros((7,))}
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params) for _ in range(4)]
+
+  def run(exponents):
+    tx = kp.shampoo(
+      1.0, exponents=exponents, precondition_frequency=1, precondition_1d=True, grafting_type=None
+    )
+    state, out = tx.init(params), []
+    for g in grads:
+      update, state = tx.update(g, state, params)
+      out.append(update)
+    return out
+
+  as_tuple, as_mapping, default = run((0.5, 0.0)), run({2: (0.5, 0.0)}), run(None)
+  for t, m, d in zip(as_tuple, as_mapping, default, strict=True):
+    for name in params:
+      np.testing.assert_allclose(t[name], m[name], rtol=1e-12, atol=1e-12)
+    for name in ("t", "v"):
+      np.testing.assert_allclose(t[name], d[name], rtol=1e-12, atol=1e-12)
+  # The first step is the polar factor whatever the pair; later ones tell (½, 0) from (¼, ¼).
+  assert not np.allclose(as_tuple[-1]["m"], default[-1]["m"], rtol=1e-3)
+
+
 @pytest.mark.parametrize("factory", [kp.shampoo, kp.adamw_shampoo])
 def test_cache_roots_and_store_bases_give_the_same_steps(factory):
   """``store_bases=True`` (cached roots and stored bases), ``cache_roots=False`` (project,
