@@ -620,8 +620,21 @@ def json_rows(
   return rows
 
 
+def update_period(peer: str) -> int | None:
+  """The mean preconditioner-update period ``round(1/p)`` of a Kron peer with a fixed update
+  probability ``p`` (``dk_kron_p0.03``: 33); None for a peer on a schedule (Google's Shampoo
+  refreshes every ``--frequency`` steps, like ours; Kron's default anneals from ``p = 1``)."""
+  if "_p0" not in peer:
+    return None
+  return round(1 / float(peer.rpartition("_p")[2]))
+
+
 def verdicts(rows: Sequence[dict[str, Any]], run: _Run) -> dict[str, Any]:
   """Each peer against its equal-settings specs of ours (``EQUAL_SETTINGS``), on both ratios.
+
+  A fixed-probability Kron peer is at equal settings only with a run whose ``--frequency`` is
+  its mean update period (``update_period``: p = 0.1 with f = 10, p = 0.03 with f = 33); its
+  comparisons in a run at another frequency are kept with ``equal_rate`` False and not counted.
 
   For each spec the row of ours with the same method and effective max_precond_dim is taken,
   from the peer's own process if there is one (head-to-head), else from another process (the
@@ -664,6 +677,7 @@ def verdicts(rows: Sequence[dict[str, Any]], run: _Run) -> dict[str, Any]:
         "ours_process": best["process"],
         "same_process": best["process"] == peer_row["process"],
         "same_environment": best["env"] == peer_row["env"],
+        "equal_rate": update_period(peer) in (None, run.settings["frequency"]),
       }
       if "ratio_amortised" in best:
         verdict.update(
@@ -864,6 +878,7 @@ def markdown(report: dict[str, Any]) -> str:
     table = []
     for v in comparisons:
       mark = "" if v["same_process"] else (" †" if v["same_environment"] else " ‡")
+      rate = "" if v.get("equal_rate", True) else " ◇"
       if "error" in v:
         ours, faster_amortised, faster_median = f"FAILED: {v['error'][:60]}", "–", "–"
       else:
@@ -873,7 +888,7 @@ def markdown(report: dict[str, Any]) -> str:
       table.append(
         (
           v["task"],
-          v["peer"],
+          v["peer"] + rate,
           _pair(v["peer_ratio_amortised"], v["peer_ratio_median"]),
           v["ours"] + mark,
           ours,
@@ -888,13 +903,20 @@ def markdown(report: dict[str, Any]) -> str:
       "",
       models.markdown_table(VERDICT_HEADERS, table),
     ]
-    measured = [v for v in comparisons if "error" not in v]
+    measured = [v for v in comparisons if "error" not in v and v.get("equal_rate", True)]
     lines += [
       "",
       f"Ours faster in {sum(v['faster_amortised'] for v in measured)} of {len(measured)} "
       f"comparisons amortised, {sum(v['faster_median'] for v in measured)} of {len(measured)} by "
       "median.",
     ]
+    if not all(v.get("equal_rate", True) for v in comparisons):
+      lines += [
+        "",
+        f"◇ A Kron peer with a fixed update probability p updates every 1/p steps on average, "
+        f"ours every f = {settings['frequency']}: not equal settings, so not counted (run with "
+        "`--frequency` = 1/p for that comparison).",
+      ]
     notes = []
     if any(not v["same_process"] and v["same_environment"] for v in comparisons):
       notes.append("† ours from another process of the same venv (fallback layout)")

@@ -167,6 +167,37 @@ def _fake_summary(ms: float, adamw_ms: float) -> dict:
   }
 
 
+def test_peers_fixed_probability_kron_counts_only_at_its_update_period():
+  """Kron with p = 0.03 updates every 33 steps on average: against ours at f = 10 it is listed
+  but not counted; at f = 33 it is counted, and p = 0.1 is counted at f = 10 only."""
+  from benchmarks import peers
+
+  assert peers.update_period("dk_kron_p0.1") == peers.update_period("psgd_kron_p0.1") == 10
+  assert peers.update_period("dk_kron_p0.03") == 33
+  assert peers.update_period("dk_kron") is peers.update_period("dist_shampoo_b256_eigh") is None
+
+  def row(method, package, ratio):
+    out = {"task": "transformer", "method": method, "package": package, "process": "p", "env": "e"}
+    out.update(ratio_amortised=ratio, ratio_median=ratio)
+    if package == "kl_precond":
+      out["canonical"] = list(peers.canonical(method, 10000, 1024))
+    return out
+
+  rows = [
+    row("dk_kron_p0.1", "distributed-kron", 1.1),
+    row("dk_kron_p0.03", "distributed-kron", 1.05),
+    row("dk_kron", "distributed-kron", 1.5),
+    row("shampoo@256", "kl_precond", 1.08),
+  ]
+  for frequency, counted in ((10, {"dk_kron_p0.1", "dk_kron"}), (33, {"dk_kron_p0.03", "dk_kron"})):
+    run = peers._Run(
+      {"frequency": frequency, "max_precond_dim": 10000}, {"largest_axis": {"transformer": 1024}}, 1
+    )
+    comparisons = peers.verdicts(rows, run)["comparisons"]
+    assert {v["peer"] for v in comparisons} == {"dk_kron_p0.1", "dk_kron_p0.03", "dk_kron"}
+    assert {v["peer"] for v in comparisons if v["equal_rate"]} == counted
+
+
 def test_peers_fallback_when_head_to_head_hangs(tmp_path, monkeypatch):
   """The head-to-head worker hangs in one of ours: one worker per peer (with only its
   equal-settings specs, without the method that hung), then that method alone; the verdicts
