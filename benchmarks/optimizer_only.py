@@ -65,27 +65,32 @@ NEVER = 10**9  # a precondition_frequency that never refreshes within a benchmar
 #   KL-SOAP (kl + qr_every + adam):
 #     direction: project G, unproject (2 × (left + right))
 #     estimator: project G again for the eigenvalue EMA (the same product as the direction's:
-#       XLA merges the two, the compiled update of one matrix has 2 dots more than SOAP's, not
-#       4), whiten G by Q_R diag(s_R) (right) then Gram (left); whiten by Q_L diag(s_L) (left)
-#       then Gram (right)                                   → 4(left + right) = 8mn(m+n)
+#       XLA merges the two), whiten G by Q_R (right) then Gram (left); whiten by Q_L (left) then
+#       Gram (right). The projection multiplies the longer side first, the same product as
+#       that side's whitening (merged too): min(left, right) of the whitening remains
+#                                         → 3(left + right) + min(left, right) = 7n³ (square)
 #   KL-Shampoo (kl + qr_every + kronecker_eigenvalues):
 #     direction: project the momentum, unproject (2 × (left + right)); estimator as KL-SOAP
-#                                                           → 5(left + right) = 10mn(m+n)
+#                                         → 4(left + right) + min(left, right) = 9n³ (square)
 #   Shampoo, AdamW-Shampoo (frobenius statistics, eigenvalue scaling with cached roots):
 #     Grams (left + right), then the momentum times the cached roots R_L M R_R (left + right)
 #                                                           → 2(left + right) = 4mn(m+n)
 #   AdamW: elementwise only (0 matmul FLOPs).
 # For a square n×n block, left + right = 4n³.
+# Units of left + right = 2mn(m+n), and min(left, right) (KL whitening not merged).
 FLOP_COUNTS = {
   "adamw": 0,
   "soap": 3,
-  "kl_soap": 4,
-  "kl_shampoo": 5,
+  "kl_soap": 3,
+  "kl_shampoo": 4,
   "shampoo": 2,
   "adamw_shampoo": 2,
 }
+UNMERGED_WHITENING = ("kl_soap", "kl_shampoo")
 COUNT_NOTES = {
-  "kl_soap": "the estimator's projection of G is the direction's, merged by XLA",
+  "kl_soap": "the estimator's projection of G is the direction's, and its first product one "
+  "whitening's, merged by XLA",
+  "kl_shampoo": "the projection's first product is one whitening's, merged by XLA",
   "shampoo": "with the default cache_roots=True (3 units with cache_roots=False)",
   "adamw_shampoo": "with the default cache_roots=True (3 units with cache_roots=False)",
 }
@@ -93,7 +98,8 @@ COUNT_NOTES = {
 
 def update_flops(method: str, m: int, n: int) -> int:
   """Matmul FLOPs of one non-refresh update of one ``m×n`` block (see ``FLOP_COUNTS``)."""
-  return FLOP_COUNTS[method] * 2 * m * n * (m + n)
+  whitening = 2 * m * n * min(m, n) if method in UNMERGED_WHITENING else 0
+  return FLOP_COUNTS[method] * 2 * m * n * (m + n) + whitening
 
 
 _SIZES = flags.DEFINE_list("sizes", ["256", "512", "1024", "2048"], "Matrix sizes n.")
@@ -284,7 +290,11 @@ def markdown(report: dict[str, Any]) -> str:
     models.markdown_table(HEADERS, rows),
     "",
     "Matmul FLOPs per non-refresh update of an m×n block (counted from the code): "
-    + ", ".join(f"{k} {v}·2mn(m+n)" for k, v in FLOP_COUNTS.items() if v)
+    + ", ".join(
+      f"{k} {v}·2mn(m+n)" + (" + 2mn·min(m,n)" if k in UNMERGED_WHITENING else "")
+      for k, v in FLOP_COUNTS.items()
+      if v
+    )
     + ".",
   ]
   lines += [f"- {k}: {v}" for k, v in COUNT_NOTES.items()]

@@ -177,10 +177,14 @@ class KL:
     return (factor * beta + weight * tensor_ops.zeroed(gram, hold)).astype(factor.dtype)
 
   def _whitened(self, grad: jax.Array, bases: Scales, roots: Scales, axis: int) -> jax.Array:
-    """``G ×_j (Q_j diag s_j)ᵀ`` on every factored axis ``j ≠ axis``."""
+    """``G ×_j (Q_j diag s_j)ᵀ`` on every factored axis ``j ≠ axis``, as ``G ×_j Q_jᵀ`` scaled
+    by ``s_j`` along axis ``j``: for the first factored axis that product is the first step of
+    ``tensor_ops.project(G)``, which XLA then computes once for both (one product fewer)."""
     for other, (basis, root) in enumerate(zip(bases, roots, strict=True)):
       if other != axis and basis is not None and root is not None:
-        grad = tensor_ops.mode_product(grad, root[:, None] * basis.T, other)
+        view = [1] * grad.ndim
+        view[other] = root.shape[0]
+        grad = tensor_ops.mode_product(grad, basis.T, other) * root.reshape(view)
     return grad
 
   def _update_factor(
