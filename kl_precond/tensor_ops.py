@@ -39,11 +39,9 @@ def project(x: jax.Array, bases: Bases) -> jax.Array:
   ``x``, is also what the KL estimator's whitening computes, and XLA then does it once; the
   longest axis's product is the costliest (``d_i · size`` multiply-adds).
   """
-  axes = sorted(
-    (a for a, basis in enumerate(bases) if basis is not None), key=lambda a: -x.shape[a]
-  )
-  for axis in axes:
-    x = mode_product(x, bases[axis].T, axis)
+  factored = [(axis, basis) for axis, basis in enumerate(bases) if basis is not None]
+  for axis, basis in sorted(factored, key=lambda item: -x.shape[item[0]]):
+    x = mode_product(x, basis.T, axis)
   return x
 
 
