@@ -178,8 +178,9 @@ class KL:
 
   def _whitened(self, grad: jax.Array, bases: Scales, roots: Scales, axis: int) -> jax.Array:
     """``G ×_j (Q_j diag s_j)ᵀ`` on every factored axis ``j ≠ axis``, as ``G ×_j Q_jᵀ`` scaled
-    by ``s_j`` along axis ``j``: for the first factored axis that product is the first step of
-    ``tensor_ops.project(G)``, which XLA then computes once for both (one product fewer)."""
+    by ``s_j`` along axis ``j``. For a matrix, one of the two whitenings then starts with the
+    same product as ``tensor_ops.project(G)`` (its longest axis first), and XLA computes it once
+    for both."""
     for other, (basis, root) in enumerate(zip(bases, roots, strict=True)):
       if other != axis and basis is not None and root is not None:
         view = [1] * grad.ndim
