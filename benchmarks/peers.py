@@ -179,6 +179,11 @@ def canonical(spec: str, default_dim: int, largest_axis: int) -> tuple[str, int]
 # ---------------------------------------------------------------------------------------------
 
 
+def update_probability(name: str) -> float | None:
+  """The fixed preconditioner-update probability of a Kron peer named ``…_p<p>``, else None."""
+  return float(name.rpartition("_p")[2]) if "_p0" in name else None
+
+
 def make_peer(name: str, frequency: int) -> Any:
   """The peer optimizer ``name`` (see ``PEERS``), imported only here."""
   if name.startswith("dist_shampoo"):
@@ -195,8 +200,8 @@ def make_peer(name: str, frequency: int) -> Any:
       graft_type=ds.GraftingType.RMSPROP,
       eigh=solver == "eigh",
     )
-  suffix = name.rpartition("_p")[2] if "_p0" in name else ""
-  probability = {"preconditioner_update_probability": float(suffix)} if suffix else {}
+  p = update_probability(name)
+  probability = {} if p is None else {"preconditioner_update_probability": p}
   if name.startswith("psgd_kron"):
     import optax.transforms._clipping as clipping
 
@@ -624,9 +629,8 @@ def update_period(peer: str) -> int | None:
   """The mean preconditioner-update period ``round(1/p)`` of a Kron peer with a fixed update
   probability ``p`` (``dk_kron_p0.03``: 33); None for a peer on a schedule (Google's Shampoo
   refreshes every ``--frequency`` steps, like ours; Kron's default anneals from ``p = 1``)."""
-  if "_p0" not in peer:
-    return None
-  return round(1 / float(peer.rpartition("_p")[2]))
+  p = update_probability(peer)
+  return None if p is None else round(1 / p)
 
 
 def verdicts(rows: Sequence[dict[str, Any]], run: _Run) -> dict[str, Any]:
@@ -878,7 +882,7 @@ def markdown(report: dict[str, Any]) -> str:
     table = []
     for v in comparisons:
       mark = "" if v["same_process"] else (" †" if v["same_environment"] else " ‡")
-      rate = "" if v.get("equal_rate", True) else " ◇"
+      rate = "" if v["equal_rate"] else " ◇"
       if "error" in v:
         ours, faster_amortised, faster_median = f"FAILED: {v['error'][:60]}", "–", "–"
       else:
@@ -903,14 +907,14 @@ def markdown(report: dict[str, Any]) -> str:
       "",
       models.markdown_table(VERDICT_HEADERS, table),
     ]
-    measured = [v for v in comparisons if "error" not in v and v.get("equal_rate", True)]
+    measured = [v for v in comparisons if "error" not in v and v["equal_rate"]]
     lines += [
       "",
       f"Ours faster in {sum(v['faster_amortised'] for v in measured)} of {len(measured)} "
       f"comparisons amortised, {sum(v['faster_median'] for v in measured)} of {len(measured)} by "
       "median.",
     ]
-    if not all(v.get("equal_rate", True) for v in comparisons):
+    if not all(v["equal_rate"] for v in comparisons):
       lines += [
         "",
         f"◇ A Kron peer with a fixed update probability p updates every 1/p steps on average, "

@@ -183,9 +183,10 @@ class KL:
     for both."""
     for other, (basis, root) in enumerate(zip(bases, roots, strict=True)):
       if other != axis and basis is not None and root is not None:
-        view = [1] * grad.ndim
-        view[other] = root.shape[0]
-        grad = tensor_ops.mode_product(grad, basis.T, other) * root.reshape(view)
+        scale = [root if j == other else None for j in range(grad.ndim)]
+        grad = tensor_ops.mode_product(grad, basis.T, other) * tensor_ops.kron_outer(
+          scale, grad.shape
+        )
     return grad
 
   def _update_factor(
