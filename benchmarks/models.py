@@ -177,22 +177,34 @@ METHODS = ("adamw", "soap", "kl_soap", "kl_shampoo", "shampoo", "adamw_shampoo")
 LEARNING_RATE = 1e-4  # small enough that no run diverges (kl_precond skips non-finite gradients)
 
 
+# Methods whose axes longer than max_precond_dim are split into blocks by default; the others
+# (SOAP, the KL methods, as upstream SOAP) leave such an axis unrotated unless ``blocks=True``.
+BLOCKING_BY_DEFAULT = ("shampoo", "adamw_shampoo")
+
+
 def make_optimizer(
-  name: str, frequency: int, max_precond_dim: int, learning_rate: float = LEARNING_RATE
+  name: str,
+  frequency: int,
+  max_precond_dim: int,
+  learning_rate: float = LEARNING_RATE,
+  blocks: bool = False,
 ) -> optax.GradientTransformation:
   """The named optimizer; ``LookupError`` if this version of kl_precond lacks it.
 
-  kl_precond is imported here, not at the top, so that the peers' environment (which does not
-  have it) can import this module.
+  ``blocks=True``: every axis longer than ``max_precond_dim`` is split into blocks of at most
+  that size, for every method (the Shampoo variants do this anyway; SOAP and the KL methods get
+  ``layout=LayoutConfig(max_precond_dim, blocking=True)``). kl_precond is imported here, not at
+  the top, so that the peers' environment (which does not have it) can import this module.
   """
   if name == "adamw":
     return optax.adamw(learning_rate)
   import kl_precond as kp
 
-  options: dict[str, Any] = {
-    "precondition_frequency": frequency,
-    "max_precond_dim": max_precond_dim,
-  }
+  options: dict[str, Any] = {"precondition_frequency": frequency}
+  if blocks and name not in BLOCKING_BY_DEFAULT:
+    options["layout"] = kp.LayoutConfig(max_precond_dim, blocking=True)
+  else:
+    options["max_precond_dim"] = max_precond_dim
   factory = getattr(kp, name, None)
   if factory is None:
     raise LookupError(f"kl_precond {kp.__version__} has no `{name}`")

@@ -17,14 +17,18 @@ the process and the machine's load.
 
 Our methods are specs: ``soap``, ``kl_soap``, ``kl_shampoo``, ``shampoo``, ``adamw_shampoo``
 (``models.make_optimizer`` with ``--max_precond_dim``, default 10000 as in ``step_time.py``), or
-``name@N`` for ``max_precond_dim=N`` (``shampoo@256``: Shampoo in 256-blocks). Their summaries are
+``name@N`` for blocks of at most ``N`` (every axis longer than ``N`` split into blocks, for every
+method: ``soap@256`` is SOAP in 256-blocks, ``models.make_optimizer(..., blocks=True)``). Their
+summaries are
 amortised over whole refresh periods with the refresh schedule read from the times
 (``models.refresh_schedule``), like ``step_time.py`` and the ``dist_shampoo`` peers; PSGD's
 random updates have no schedule (amortised = mean). ``EQUAL_SETTINGS`` lists, for each peer, the
-specs of ours at equal settings; the verdicts compare each peer only with those, on both the
-amortised and the median ratio. Specs are matched by method and effective ``max_precond_dim``
-(capped at the task's longest axis, above which the value changes nothing), so ``shampoo`` at
-10000 is ``shampoo@1024`` on both tasks.
+specs of ours at equal settings (the same block size: Google's Shampoo and distributed-kron's
+Kron and PRO precondition blocks of at most 256 or 1024, PSGD's Kron whole axes up to 8192); the
+verdicts compare each peer only with those, on both the amortised and the median ratio. Specs
+are matched by method, effective ``max_precond_dim`` (capped at the task's longest axis, above
+which the value changes nothing) and what happens to longer axes (``canonical``), so
+``shampoo`` at 10000 is ``shampoo@1024`` on both tasks.
 
 Robustness: a peer or method that raises at construction is recorded and the others run. If the
 head-to-head worker fails as a whole (time limit, crash, a call caught hanging by the watchdog),
@@ -93,21 +97,24 @@ PEERS = {
 }
 # One peer per package, tried in this repository's venv to record how it breaks.
 PROBES = ("dist_shampoo_b256_eigh", "psgd_kron", "dk_kron", "dk_pro")
-# Our methods; a spec is one of them, or "name@N" for max_precond_dim=N.
+# Our methods; a spec is one of them, or "name@N" for blocks of at most N.
 OURS = ("soap", "kl_soap", "kl_shampoo", "shampoo", "adamw_shampoo")
-DEFAULT_OURS = (*OURS, "shampoo@256")
+OURS_AT_256 = tuple(f"{name}@256" for name in OURS)
+DEFAULT_OURS = (*OURS, *OURS_AT_256)
 SMOKE_PEERS = ("dist_shampoo_b256_eigh", "dk_pro")
-SMOKE_OURS = ("soap", "shampoo@256")  # both build on the tiny MLP; each matches a smoke peer
-# The specs of ours at equal settings to each peer: the verdicts compare a peer with these only.
-# Google's Shampoo: Shampoo with the same blocks (kl_precond's Shampoo blocks axes longer than
-# max_precond_dim). Kron/PRO: every default-size method of ours and Shampoo in 256-blocks
-# (equal refresh rate for the p0.1 variants: probability 0.1 = our f = 10).
-_KRON_EQUALS = (*OURS, "shampoo@256")
+SMOKE_OURS = ("soap@256", "shampoo@256")  # both build on the tiny MLP; each matches a smoke peer
+# The specs of ours at equal settings to each peer (the verdicts compare a peer with these only):
+# the same blocks. Google's Shampoo: Shampoo in its block size. distributed-kron's Kron and PRO
+# split every axis longer than 256 into blocks (``block_size=256``, their default): every method
+# of ours in 256-blocks. PSGD Kron keeps whole axes up to 8192 (``max_size_triangular``): every
+# method of ours with whole axes. (Equal refresh rate for the fixed-probability Krons: see
+# ``update_period``.)
 EQUAL_SETTINGS: dict[str, tuple[str, ...]] = {
   "dist_shampoo_b256_eigh": ("shampoo@256",),
   "dist_shampoo_b1024_eigh": ("shampoo@1024",),
   "dist_shampoo_b256_newton": ("shampoo@256",),
-  **{peer: _KRON_EQUALS for peer in PEERS if peer.startswith(("psgd_kron", "dk_"))},
+  **{peer: OURS for peer in PEERS if peer.startswith("psgd_kron")},
+  **{peer: OURS_AT_256 for peer in PEERS if peer.startswith("dk_")},
 }
 
 _ROLE = flags.DEFINE_enum("role", "driver", ["driver", "worker"], "Driver or worker process.")
@@ -163,15 +170,28 @@ def parse_spec(spec: str, default_dim: int) -> tuple[str, int]:
   return name, int(dim) if at else default_dim
 
 
-def canonical(spec: str, default_dim: int, largest_axis: int) -> tuple[str, int]:
-  """The method and its effective max_precond_dim on a task whose longest axis is given.
+def canonical(
+  spec: str, default_dim: int, largest_axis: int, blocks: bool | None = None
+) -> tuple[str, int, str]:
+  """The method, its effective max_precond_dim and what happens to longer axes, on a task whose
+  longest axis is given.
 
   Every ``max_precond_dim`` at least the longest axis gives the same optimizer (no axis is left
-  unfactored or blocked), so ``shampoo`` (10000) and ``shampoo@1024`` are one setting when no axis
-  is longer than 1024.
+  unrotated or blocked: ``"whole"``), so ``shampoo`` (10000) and ``shampoo@1024`` are one setting
+  when no axis is longer than 1024. Below it, longer axes are split (``"blocks"``: a ``name@N``
+  spec, or a Shampoo variant) or left unrotated (``"unrotated"``: SOAP or a KL method built with
+  a plain ``max_precond_dim``, as ``step_time.py`` does). ``blocks``: whether the optimizer was
+  built with ``blocks=True`` (default: whether the spec has ``@N``).
   """
+  from benchmarks import models
+
   name, dim = parse_spec(spec, default_dim)
-  return name, min(dim, largest_axis)
+  if dim >= largest_axis:
+    return name, largest_axis, "whole"
+  if blocks is None:
+    blocks = "@" in spec
+  split = blocks or name in models.BLOCKING_BY_DEFAULT
+  return name, dim, "blocks" if split else "unrotated"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +278,8 @@ def worker(
   ]
   for spec in specs:
     name, dim = parse_spec(spec, settings["max_precond_dim"])
-    builders.append((spec, functools.partial(models.make_optimizer, name, frequency, dim)))
+    build = functools.partial(models.make_optimizer, name, frequency, dim, blocks="@" in spec)
+    builders.append((spec, build))
   for name, build in builders:
     try:
       runners.append(models.StepRunner(name, task, build()))
@@ -468,7 +489,7 @@ class _Run:
   def __init__(self, settings: dict[str, Any], report: dict[str, Any], timeout: int):
     self.settings, self.report, self.timeout = settings, report, timeout
 
-  def canonical(self, task: str, spec: str) -> tuple[str, int]:
+  def canonical(self, task: str, spec: str) -> tuple[str, int, str]:
     return canonical(spec, self.settings["max_precond_dim"], self.report["largest_axis"][task])
 
   def matches(self, task: str, spec: str, peer: str) -> bool:
@@ -547,13 +568,14 @@ class _Run:
         }
       else:
         optimizer, dim = parse_spec(name, self.settings["max_precond_dim"])
+        key = self.canonical(task, name)
         meta = {
           "method": name,
           "package": "kl_precond",
-          "settings": f"f={frequency}, max_precond_dim={dim}",
+          "settings": f"f={frequency}, max_precond_dim={dim}{_SPLIT_NOTE[key[2]]}",
           "optimizer": optimizer,
           "max_precond_dim": dim,
-          "canonical": list(self.canonical(task, name)),
+          "canonical": list(key),
         }
       if name in results:
         rows.append(dict(base, **meta, **reference, **results[name]))
@@ -611,18 +633,24 @@ def json_rows(
       if method == "adamw":
         meta.update(package="optax", settings="optax.adamw")
       else:
+        # step_time builds with a plain max_precond_dim: no blocks for SOAP and the KL methods.
+        largest = run.report["largest_axis"][config["task"]]
+        key = canonical(method, dim, largest, blocks=False)
         meta.update(
           package="kl_precond",
-          settings=f"f={config['frequency']}, max_precond_dim={dim}",
+          settings=f"f={config['frequency']}, max_precond_dim={dim}{_SPLIT_NOTE[key[2]]}",
           optimizer=method,
           max_precond_dim=dim,
-          canonical=list(canonical(method, dim, run.report["largest_axis"][config["task"]])),
+          canonical=list(key),
         )
       if method in results:
         rows.append(dict(base, **meta, **reference, **results[method]))
       else:
         rows.append(dict(base, **meta, error=config["skipped"][method], why="not built"))
   return rows
+
+
+_SPLIT_NOTE = {"whole": "", "blocks": ", blocks", "unrotated": ", longer axes unrotated"}
 
 
 def update_period(peer: str) -> int | None:

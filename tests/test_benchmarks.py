@@ -106,7 +106,7 @@ def test_peers_smoke(tmp_path):
   peer_rows = [r for r in rows if r["package"] not in ("kl_precond", "optax")]
   our_rows = [r for r in rows if r["package"] == "kl_precond"]
   assert [r["method"] for r in peer_rows] == ["dist_shampoo_b256_eigh", "dk_pro"]
-  assert [r["method"] for r in our_rows] == ["soap", "shampoo@256"]
+  assert [r["method"] for r in our_rows] == ["soap@256", "shampoo@256"]
   # One worker process in the peers' venv: every row's ratio is to that process's AdamW.
   assert list(report["processes"]) == ["mlp/head-to-head"]
   process = report["processes"]["mlp/head-to-head"]
@@ -123,7 +123,7 @@ def test_peers_smoke(tmp_path):
   verdicts = report["verdicts"]["comparisons"]
   assert {(v["peer"], v["ours"]) for v in verdicts} == {
     ("dist_shampoo_b256_eigh", "shampoo@256"),
-    ("dk_pro", "soap"),
+    ("dk_pro", "soap@256"),
     ("dk_pro", "shampoo@256"),
   }
   by_method = {r["method"]: r for r in rows}
@@ -144,7 +144,15 @@ def test_peers_specs_and_equal_settings():
 
   assert set(peers.EQUAL_SETTINGS) == set(peers.PEERS)
   assert peers.EQUAL_SETTINGS["dist_shampoo_b1024_eigh"] == ("shampoo@1024",)
-  assert set(peers.EQUAL_SETTINGS["dk_pro"]) == set(peers.DEFAULT_OURS)
+  # The same blocks: distributed-kron's 256-blocks against ours in 256-blocks, PSGD's whole axes
+  # against ours with whole axes.
+  for peer in ("dk_pro", "dk_kron", "dk_kron_p0.1"):
+    assert set(peers.EQUAL_SETTINGS[peer]) == {f"{m}@256" for m in peers.OURS}
+  assert set(peers.EQUAL_SETTINGS["psgd_kron_p0.1"]) == set(peers.OURS)
+  # The default run times every spec some peer is compared with (shampoo@1024 is shampoo here).
+  timed = {peers.canonical(s, 10000, 1024) for s in peers.DEFAULT_OURS}
+  wanted = {peers.canonical(s, 10000, 1024) for s in set().union(*peers.EQUAL_SETTINGS.values())}
+  assert wanted == timed
   assert peers.parse_spec("shampoo@256", 10000) == ("shampoo", 256)
   assert peers.parse_spec("kl_soap", 10000) == ("kl_soap", 10000)
   for bad in ("adamw", "shampoo@", "shampoo@0", "soap@x", "muon"):
@@ -152,7 +160,33 @@ def test_peers_specs_and_equal_settings():
       peers.parse_spec(bad, 10000)
   # A max_precond_dim at least the longest axis is one setting; below it, not.
   assert peers.canonical("shampoo", 10000, 1024) == peers.canonical("shampoo@1024", 10000, 1024)
-  assert peers.canonical("shampoo@256", 10000, 1024) == ("shampoo", 256)
+  assert peers.canonical("soap", 10000, 1024) == peers.canonical("soap@1024", 10000, 1024)
+  assert peers.canonical("shampoo@256", 10000, 1024) == ("shampoo", 256, "blocks")
+  # SOAP at a plain max_precond_dim (step_time.json) leaves longer axes unrotated: not soap@256.
+  assert peers.canonical("soap@256", 10000, 1024) == ("soap", 256, "blocks")
+  assert peers.canonical("soap", 256, 1024, blocks=False) == ("soap", 256, "unrotated")
+  assert peers.canonical("shampoo", 256, 1024, blocks=False) == ("shampoo", 256, "blocks")
+
+
+@pytest.mark.parametrize("method", ["soap", "kl_soap", "kl_shampoo", "shampoo", "adamw_shampoo"])
+def test_make_optimizer_blocks_split_every_method_into_blocks(method):
+  """``blocks=True`` gives every method 256×256 factors on a 1024×512 matrix; without it SOAP and
+  the KL methods leave both axes unrotated (no factor at all), the Shampoo variants block."""
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import models
+
+  params = {"w": jnp.zeros((1024, 512))}
+
+  def factor_shapes(tx):
+    leaves = jax.tree.leaves(tx.init(params))
+    return {x.shape[-2:] for x in leaves if x.ndim >= 2 and x.shape[-1] == x.shape[-2]}
+
+  blocked = factor_shapes(models.make_optimizer(method, 10, 256, blocks=True))
+  assert blocked == {(256, 256)}
+  plain = factor_shapes(models.make_optimizer(method, 10, 256))
+  assert plain == ({(256, 256)} if method in models.BLOCKING_BY_DEFAULT else set())
 
 
 def _fake_summary(ms: float, adamw_ms: float) -> dict:
@@ -253,7 +287,7 @@ def test_peers_fallback_when_head_to_head_hangs(tmp_path, monkeypatch):
   assert set(verdicts) == {
     ("dist_shampoo_b256_eigh", "shampoo@256"),
     ("dk_pro", "shampoo@256"),
-    ("dk_pro", "soap"),
+    ("dk_pro", "soap@256"),
   }
   assert verdicts["dk_pro", "shampoo@256"]["same_process"]
   assert verdicts["dk_pro", "soap"]["ours_process"] == "mlp/retry:soap"
