@@ -238,14 +238,14 @@ def test_peers_fallback_when_head_to_head_hangs(tmp_path, monkeypatch):
   take ours from the peer's own process where they can."""
   from benchmarks import peers
 
-  times = {"adamw": 1.0, "dist_shampoo_b256_eigh": 2.0, "dk_pro": 3.0, "soap": 1.5}
+  times = {"adamw": 1.0, "dist_shampoo_b256_eigh": 2.0, "dk_pro": 3.0, "soap@256": 1.5}
   times["shampoo@256"] = 2.5
   calls = []
 
   def fake_worker(python, task, peer_names, specs, settings, timeout, **kwargs):
     calls.append((list(peer_names), list(specs)))
     if len(calls) == 1:
-      return {"hung": "soap call 3", "error": "soap call 3: no result", "wall_seconds": 1.0}
+      return {"hung": "soap@256 call 3", "error": "soap@256 call 3: no result", "wall_seconds": 1.0}
     names = ["adamw", *peer_names, *specs]
     return {
       "environment": {"jax": "0.5.3", "optax": "0.2.8"},
@@ -270,18 +270,18 @@ def test_peers_fallback_when_head_to_head_hangs(tmp_path, monkeypatch):
     "peer_venv": "unused",
     "combined": True,
   }
-  specs = ["soap", "shampoo@256"]
+  specs = ["soap@256", "shampoo@256"]
   report = peers.driver(
     ["mlp"], ["dist_shampoo_b256_eigh", "dk_pro"], specs, settings, "", 10, False
   )
   assert calls == [
-    (["dist_shampoo_b256_eigh", "dk_pro"], ["soap", "shampoo@256"]),
+    (["dist_shampoo_b256_eigh", "dk_pro"], ["soap@256", "shampoo@256"]),
     (["dist_shampoo_b256_eigh"], ["shampoo@256"]),
     (["dk_pro"], ["shampoo@256"]),
-    ([], ["soap"]),
+    ([], ["soap@256"]),
   ]
   failed = report["processes"]["mlp/head-to-head"]
-  assert not failed["ok"] and failed["culprit"] == "soap"
+  assert not failed["ok"] and failed["culprit"] == "soap@256"
   assert all(r["process"] != "mlp/head-to-head" for r in report["rows"])
   verdicts = {(v["peer"], v["ours"]): v for v in report["verdicts"]["comparisons"]}
   assert set(verdicts) == {
@@ -290,13 +290,14 @@ def test_peers_fallback_when_head_to_head_hangs(tmp_path, monkeypatch):
     ("dk_pro", "soap@256"),
   }
   assert verdicts["dk_pro", "shampoo@256"]["same_process"]
-  assert verdicts["dk_pro", "soap"]["ours_process"] == "mlp/retry:soap"
-  assert not verdicts["dk_pro", "soap"]["same_process"]
+  assert verdicts["dk_pro", "soap@256"]["ours_process"] == "mlp/retry:soap@256"
+  assert not verdicts["dk_pro", "soap@256"]["same_process"]
   slower = verdicts["dist_shampoo_b256_eigh", "shampoo@256"]
   assert not slower["faster_amortised"] and not slower["faster_median"]
   assert (
-    verdicts["dk_pro", "soap"]["faster_amortised"] and verdicts["dk_pro", "soap"]["faster_median"]
+    verdicts["dk_pro", "soap@256"]["faster_amortised"]
+    and verdicts["dk_pro", "soap@256"]["faster_median"]
   )
   text = (tmp_path / "peers.md").read_text()
-  assert "| mlp | dk_pro | 3.00 (3.00) | soap † | 1.50 (1.50) | yes | yes |" in text
-  assert "fell back to one worker per peer (culprit: soap)" in text
+  assert "| mlp | dk_pro | 3.00 (3.00) | soap@256 † | 1.50 (1.50) | yes | yes |" in text
+  assert "fell back to one worker per peer (culprit: soap@256)" in text
