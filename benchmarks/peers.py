@@ -19,8 +19,7 @@ Our methods are specs: ``soap``, ``kl_soap``, ``kl_shampoo``, ``shampoo``, ``ada
 (``models.make_optimizer`` with ``--max_precond_dim``, default 10000 as in ``step_time.py``), or
 ``name@N`` for blocks of at most ``N`` (every axis longer than ``N`` split into blocks, for every
 method: ``soap@256`` is SOAP in 256-blocks, ``models.make_optimizer(..., blocks=True)``). Their
-summaries are
-amortised over whole refresh periods with the refresh schedule read from the times
+summaries are amortised over whole refresh periods with the refresh schedule read from the times
 (``models.refresh_schedule``), like ``step_time.py`` and the ``dist_shampoo`` peers; PSGD's
 random updates have no schedule (amortised = mean). ``EQUAL_SETTINGS`` lists, for each peer, the
 specs of ours at equal settings (the same block size: Google's Shampoo and distributed-kron's
