@@ -627,14 +627,17 @@ def json_rows(
     }
     base = {"task": config["task"], "process": "step_time.json", "env": env}
     for method in [*results, *config["skipped"]]:
-      spec = method if dim == run.settings["max_precond_dim"] else f"{method}@{dim}"
-      meta: dict[str, Any] = {"method": spec if method != "adamw" else "adamw"}
+      meta: dict[str, Any] = {"method": method}
       if method == "adamw":
         meta.update(package="optax", settings="optax.adamw")
       else:
-        # step_time builds with a plain max_precond_dim: no blocks for SOAP and the KL methods.
-        largest = run.report["largest_axis"][config["task"]]
-        key = canonical(method, dim, largest, blocks=False)
+        # step_time builds with a plain max_precond_dim: no blocks for SOAP and the KL methods,
+        # so a row that "name@N" (blocks) would misname keeps its max_precond_dim in its name.
+        key = canonical(method, dim, run.report["largest_axis"][config["task"]], blocks=False)
+        if dim != run.settings["max_precond_dim"]:
+          spec = f"{method}@{dim}"
+          same = run.canonical(config["task"], spec) == key
+          meta["method"] = spec if same else f"{method} (max_precond_dim={dim})"
         meta.update(
           package="kl_precond",
           settings=f"f={config['frequency']}, max_precond_dim={dim}{_SPLIT_NOTE[key[2]]}",
@@ -667,10 +670,10 @@ def verdicts(rows: Sequence[dict[str, Any]], run: _Run) -> dict[str, Any]:
   its mean update period (``update_period``: p = 0.1 with f = 10, p = 0.03 with f = 33); its
   comparisons in a run at another frequency are kept with ``equal_rate`` False and not counted.
 
-  For each spec the row of ours with the same method and effective max_precond_dim is taken,
-  from the peer's own process if there is one (head-to-head), else from another process (the
-  fallback layout, ``--ours_json``; ``same_process`` False). A spec with no row at all is listed
-  under ``not_compared``.
+  For each spec the row of ours with the same ``canonical`` key (method, effective
+  max_precond_dim, blocks or unrotated longer axes) is taken, from the peer's own process if
+  there is one (head-to-head), else from another process (the fallback layout, ``--ours_json``;
+  ``same_process`` False). A spec with no row at all is listed under ``not_compared``.
   """
   found, missing = [], []
   for peer_row in rows:

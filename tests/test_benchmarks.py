@@ -189,6 +189,38 @@ def test_make_optimizer_blocks_split_every_method_into_blocks(method):
   assert plain == ({(256, 256)} if method in models.BLOCKING_BY_DEFAULT else set())
 
 
+def test_peers_json_rows_from_step_time_keep_unrotated_soap_apart():
+  """A step_time.json at max_precond_dim=256 built SOAP with its longer axes unrotated: its row
+  is not named, keyed or matched as ``soap@256`` (256-blocks); its Shampoo row (blocks) is."""
+  from benchmarks import peers
+
+  summary = _fake_summary(1.5, 1.0)
+  step_time = {
+    "environment": {"jax": "0.10.2"},
+    "settings": {"max_precond_dim": 256},
+    "configs": [
+      {
+        "task": "transformer",
+        "frequency": 10,
+        "results": {"adamw": summary, "soap": summary, "shampoo": summary},
+        "skipped": {},
+      }
+    ],
+  }
+  run = peers._Run(
+    {"frequency": 10, "max_precond_dim": 10000}, {"largest_axis": {"transformer": 1024}}, 1
+  )
+  rows = {r["method"]: r for r in peers.json_rows(step_time, ["transformer"], 10, run, "s.json")}
+  assert set(rows) == {"adamw", "soap (max_precond_dim=256)", "shampoo@256"}
+  assert rows["soap (max_precond_dim=256)"]["canonical"] == ["soap", 256, "unrotated"]
+  assert rows["shampoo@256"]["canonical"] == list(run.canonical("transformer", "shampoo@256"))
+  # Against dk_pro (256-blocks) the unrotated SOAP row is not taken; the Shampoo row is.
+  peer = dict(rows["adamw"], method="dk_pro", package="distributed-kron", process="p")
+  result = peers.verdicts([*rows.values(), peer], run)
+  assert {v["ours"] for v in result["comparisons"]} == {"shampoo@256"}
+  assert {m["spec"] for m in result["not_compared"]} == set(peers.OURS_AT_256) - {"shampoo@256"}
+
+
 def _fake_summary(ms: float, adamw_ms: float) -> dict:
   return {
     "median_ms": ms,
