@@ -97,10 +97,7 @@ class Adam:
     """Re-expresses ``M`` in the new basis; permutes ``V`` by the sort (no rotation)."""
     del eigenvalues
     mu = tensor_ops.project(tensor_ops.unproject(state.mu, old_bases), new_bases)
-    nu = state.nu
-    for axis, permutation in enumerate(permutations):
-      nu = tensor_ops.permute_axis(nu, permutation, axis)
-    return AdamState(mu.astype(state.mu.dtype), nu)
+    return AdamState(mu.astype(state.mu.dtype), tensor_ops.permute_axes(state.nu, permutations))
 
 
 def _compute_dtype(dtype: Any) -> Any:

@@ -28,6 +28,11 @@ def mode_product(x: jax.Array, matrix: jax.Array, axis: int) -> jax.Array:
 
   .. math:: (X \\times_i A)_{\\dots a \\dots} = \\sum_b A_{ab} X_{\\dots b \\dots}
   """
+  if axis == 0:
+    # ``A X`` as such. The product moved back (below) is the same numbers, but on a lone block (a
+    # bucket of one) XLA lays it out column-major, and where it leaves the refresh conditional
+    # (SOAP's rotated ``M``) the other branch transposes it to match, and back, every call.
+    return jnp.tensordot(matrix, x, axes=([1], [0]))
   moved = jnp.tensordot(x, matrix, axes=([axis], [1]))
   return jnp.moveaxis(moved, -1, axis)
 
@@ -109,11 +114,32 @@ def within_range(blocks: jax.Array, gain: Any, tree: Any) -> jax.Array:
   return jnp.all(bound <= limit)  # False for NaN
 
 
-def permute_axis(x: jax.Array, permutation: jax.Array | None, axis: int) -> jax.Array:
-  """Reorders ``x`` along ``axis`` by the index vector ``permutation`` (None: unchanged)."""
-  if permutation is None:
+def permute_axes(x: jax.Array, permutations: Sequence[jax.Array | None]) -> jax.Array:
+  """Reorders ``x`` along every axis ``i`` by the index vector ``permutations[i]`` (None: that
+  axis unchanged): ``out[i_1, ..., i_k] = x[π_1(i_1), ..., π_k(i_k)]``.
+
+  One gather from the flattened ``x`` at the row-major offsets ``Σ_i π_i(i_i) · stride_i``. Taking
+  along each axis in turn (``jnp.take``) is the same result, but XLA lays the result of a take
+  along the minor axis out column-major; where that result leaves a conditional (the refresh of
+  SOAP's sorted basis permutes Adam's ``V``) the other branch then transposes ``V`` into that
+  layout, and back after, on every call.
+  """
+  if all(p is None for p in permutations):
     return x
-  return jnp.take(x, permutation, axis=axis)
+  if x.size >= 2**31:  # int32 offsets would overflow
+    for axis, permutation in enumerate(permutations):
+      x = x if permutation is None else jnp.take(x, permutation, axis=axis)
+    return x
+  offsets = jnp.zeros((), jnp.int32)
+  stride = 1
+  for axis in reversed(range(x.ndim)):
+    permutation = permutations[axis] if axis < len(permutations) else None
+    index = jnp.arange(x.shape[axis], dtype=jnp.int32) if permutation is None else permutation
+    view = [1] * x.ndim
+    view[axis] = x.shape[axis]
+    offsets = offsets + (index.astype(jnp.int32) * stride).reshape(view)
+    stride *= x.shape[axis]
+  return jnp.take(x.reshape(-1), offsets)
 
 
 def held(hold: Any, beta: Any, weight: Any) -> tuple[Any, Any]:
