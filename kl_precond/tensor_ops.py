@@ -118,28 +118,16 @@ def permute_axes(x: jax.Array, permutations: Sequence[jax.Array | None]) -> jax.
   """Reorders ``x`` along every axis ``i`` by the index vector ``permutations[i]`` (None: that
   axis unchanged): ``out[i_1, ..., i_k] = x[π_1(i_1), ..., π_k(i_k)]``.
 
-  One gather from the flattened ``x`` at the row-major offsets ``Σ_i π_i(i_i) · stride_i``. Taking
-  along each axis in turn (``jnp.take``) is the same result, but XLA lays the result of a take
-  along the minor axis out column-major; where that result leaves a conditional (the refresh of
-  SOAP's sorted basis permutes Adam's ``V``) the other branch then transposes ``V`` into that
-  layout, and back after, on every call.
+  One gather over all axes (``x[ix_(π_1, ..., π_k)]``). Taking along each axis in turn
+  (``jnp.take``) is the same result, but XLA lays the result of a take along the minor axis out
+  column-major; where that result leaves a conditional (the refresh of SOAP's sorted basis
+  permutes Adam's ``V``) the other branch then transposes ``V`` into that layout, and back after,
+  on every call.
   """
   if all(p is None for p in permutations):
     return x
-  if x.size >= 2**31:  # int32 offsets would overflow
-    for axis, permutation in enumerate(permutations):
-      x = x if permutation is None else jnp.take(x, permutation, axis=axis)
-    return x
-  offsets = jnp.zeros((), jnp.int32)
-  stride = 1
-  for axis in reversed(range(x.ndim)):
-    permutation = permutations[axis] if axis < len(permutations) else None
-    index = jnp.arange(x.shape[axis], dtype=jnp.int32) if permutation is None else permutation
-    view = [1] * x.ndim
-    view[axis] = x.shape[axis]
-    offsets = offsets + (index.astype(jnp.int32) * stride).reshape(view)
-    stride *= x.shape[axis]
-  return jnp.take(x.reshape(-1), offsets)
+  indices = [jnp.arange(n) if p is None else p for n, p in zip(x.shape, permutations, strict=True)]
+  return x[jnp.ix_(*indices)]
 
 
 def held(hold: Any, beta: Any, weight: Any) -> tuple[Any, Any]:

@@ -5,7 +5,7 @@ each axis in turn (``jnp.take``), XLA laid the permuted ``V`` out column-major; 
 leaves the refresh conditional, the conditional's other branch (every non-refresh step) then
 transposed ``V`` into that layout, and the step transposed it back: two copies of ``V`` per call
 (~10 % of SOAP's update on the benchmark transformer in 256-blocks). ``tensor_ops.permute_axes``
-gathers once from the flattened array instead. Likewise the rotated ``M`` of a bucket of one
+gathers over all axes at once instead. Likewise the rotated ``M`` of a bucket of one
 wide block, whose last mode product ``moveaxis(tensordot(M, Qᵀ))`` XLA laid out column-major:
 ``tensor_ops.mode_product`` writes a product on the first axis as ``Q M``. Checked here on the
 compiled HLO, and the permutation against numpy.
