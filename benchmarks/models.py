@@ -474,6 +474,7 @@ def environment() -> dict[str, Any]:
     "cpu_count": os.cpu_count(),
     "load_average_1_5_15": [round(x, 2) for x in load],
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
     "time": time.strftime("%Y-%m-%d %H:%M:%S"),
   }
 

@@ -43,6 +43,8 @@ ratios are to that run's AdamW. The driver also tries each peer package once in 
 Workers run with ``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false``: without it
 PSGD Kron's graph can deadlock in XLA's CPU scheduler (env_baseline §2.2); AdamW and ours in the
 same process run with the same flag (as in ``step_time.py``).
+``OPENBLAS_NUM_THREADS`` is 1 unless set (as in ``step_time.py``): it applies to every optimizer of
+a worker alike (the peers' eigh and triangular solves call LAPACK/BLAS too).
 
     python -m benchmarks.peers                                  # MLP + transformer, f = 10
     python -m benchmarks.peers --tasks=transformer --peers=dist_shampoo_b256_eigh,psgd_kron_p0.1 \
@@ -68,6 +70,12 @@ from typing import Any
 
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# jaxlib's CPU QR and eigh call scipy's OpenBLAS, and XLA spreads a batched decomposition over its
+# own pool: OpenBLAS's threads then oversubscribe the cores (a transformer SOAP refresh step took
+# 1421 ms with them, 1256 ms without, 2026-12-05). Set before jax is imported (workers inherit
+# it); a value the user set is kept (OPENBLAS_NUM_THREADS=2 to time the default).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from absl import app, flags
 
@@ -884,7 +892,9 @@ def markdown(report: dict[str, Any]) -> str:
     "# Peers vs ours, head-to-head: step time as a ratio to optax.adamw of the same process",
     "",
     f"AdamW, the peers and ours ({layout}) in the jax 0.5.3 venv at `{settings['peer_venv']}` "
-    f"(pins in requirements-peers.txt), `XLA_FLAGS={SCHEDULER_FLAG}`, interleaved in chunks of "
+    f"(pins in requirements-peers.txt), `XLA_FLAGS={SCHEDULER_FLAG}`, "
+    f"`OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS') or 'unset'}`, "
+    "interleaved in chunks of "
     f"{settings['chunk']}: {settings['warmup']} warmup + {settings['steps']} timed calls per "
     f"method. Frequency {settings['frequency']}; ours at max_precond_dim "
     f"{settings['max_precond_dim']} unless `@N`"

@@ -42,6 +42,12 @@ if os.environ.get("KL_PRECOND_BENCH_XLA_SCHEDULER") != "default":
     )
   )
 
+# jaxlib's CPU QR and eigh call scipy's OpenBLAS, and XLA spreads a batched decomposition over its
+# own pool: OpenBLAS's threads then oversubscribe the cores (a transformer SOAP refresh step took
+# 1421 ms with them, 1256 ms without, 2026-12-05). Set before jax is imported; a value the user
+# set is kept (OPENBLAS_NUM_THREADS=2 to time the default).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import numpy as np
 from absl import app, flags
 from tqdm import tqdm
@@ -288,7 +294,8 @@ def markdown(report: dict[str, Any]) -> str:
   text = [
     "# Train-step time vs optax.adamw (same run)",
     "",
-    f"jax {env['jax']}, optax {env['optax']}, {env['cpu_count']} CPUs, load average "
+    f"jax {env['jax']}, optax {env['optax']}, {env['cpu_count']} CPUs, "
+    f"OPENBLAS_NUM_THREADS={env.get('openblas_num_threads') or 'unset'}, load average "
     f"{env['load_average_1_5_15']} at start; wall {report['wall_seconds']:.0f} s"
     + (
       "; eigh batched as lax.map (--sequential_eigh)."
