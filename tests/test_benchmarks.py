@@ -43,12 +43,17 @@ def _run(module: str, out_dir: str, *flags: str, timeout: int = 500) -> dict:
     return json.load(f)
 
 
+# The benchmarks run with one OpenBLAS thread unless the caller set a number (see step_time.py).
+OPENBLAS_THREADS = os.environ.get("OPENBLAS_NUM_THREADS", "1")
+
+
 def _finite(*values: float) -> bool:
   return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
 def test_step_time_smoke(tmp_path):
   report = _run("step_time", str(tmp_path))
+  assert report["environment"]["openblas_num_threads"] == OPENBLAS_THREADS
   (config,) = report["configs"]
   assert set(config["results"]) == set(AVAILABLE)
   for method, s in config["results"].items():
@@ -72,6 +77,7 @@ def test_step_time_smoke(tmp_path):
 
 def test_optimizer_only_smoke(tmp_path):
   report = _run("optimizer_only", str(tmp_path))
+  assert report["environment"]["openblas_num_threads"] == OPENBLAS_THREADS
   (size,) = report["sizes"]
   assert set(size["methods"]) == set(AVAILABLE)
   assert _finite(size["matmul_ms"], size["matmul_gflops_per_s"], size["eigh_ms"], size["qr_ms"])
@@ -111,6 +117,7 @@ def test_peers_smoke(tmp_path):
   assert list(report["processes"]) == ["mlp/head-to-head"]
   process = report["processes"]["mlp/head-to-head"]
   assert process["ok"] and process["environment"]["jax"] == "0.5.3"
+  assert process["environment"]["openblas_num_threads"] == OPENBLAS_THREADS  # the worker inherits
   (adamw,) = [r for r in rows if r["method"] == "adamw"]
   for row in peer_rows + our_rows:
     assert row["process"] == adamw["process"] == "mlp/head-to-head"
