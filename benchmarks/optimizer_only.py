@@ -46,10 +46,7 @@ if os.environ.get("KL_PRECOND_BENCH_XLA_SCHEDULER") != "default":
     )
   )
 
-# jaxlib's CPU QR and eigh call scipy's OpenBLAS, and XLA spreads a batched decomposition over its
-# own pool: OpenBLAS's threads then oversubscribe the cores (a transformer SOAP refresh step took
-# 1421 ms with them, 1256 ms without, 2026-12-05). Set before jax is imported; a value the user
-# set is kept (OPENBLAS_NUM_THREADS=2 to time the default).
+# One OpenBLAS thread for jaxlib's CPU QR and eigh, as in step_time.py (why: there).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax
@@ -289,7 +286,9 @@ def markdown(report: dict[str, Any]) -> str:
     "# Optimizer update alone vs plain matmul throughput",
     "",
     f"Stack of {report['num_matrices']} square matrices per size; jax {env['jax']}, "
-    f"{env['cpu_count']} CPUs, OPENBLAS_NUM_THREADS={env.get('openblas_num_threads') or 'unset'}, load average {env['load_average_1_5_15']} at start; "
+    f"{env['cpu_count']} CPUs, "
+    f"OPENBLAS_NUM_THREADS={env.get('openblas_num_threads') or 'unset'}, "
+    f"load average {env['load_average_1_5_15']} at start; "
     f"wall {report['wall_seconds']:.0f} s"
     + ("; eigh batched as lax.map (--sequential_eigh)." if report["sequential_eigh"] else "."),
     "",

@@ -71,10 +71,8 @@ from typing import Any
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# jaxlib's CPU QR and eigh call scipy's OpenBLAS, and XLA spreads a batched decomposition over its
-# own pool: OpenBLAS's threads then oversubscribe the cores (a transformer SOAP refresh step took
-# 1421 ms with them, 1256 ms without, 2026-12-05). Set before jax is imported (workers inherit
-# it); a value the user set is kept (OPENBLAS_NUM_THREADS=2 to time the default).
+# One OpenBLAS thread for jaxlib's CPU QR and eigh, as in step_time.py (why: there); the workers
+# inherit it.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from absl import app, flags
