@@ -33,21 +33,10 @@ from typing import Any
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# XLA's CPU scheduler in jaxlib 0.10 can deadlock (a step never returns from block_until_ready;
-# seen with kl_precond's first SOAP step on the transformer). Set before jax is imported;
-# KL_PRECOND_BENCH_XLA_SCHEDULER=default keeps XLA's default scheduler.
-if os.environ.get("KL_PRECOND_BENCH_XLA_SCHEDULER") != "default":
-  os.environ["XLA_FLAGS"] = " ".join(
-    dict.fromkeys(
-      [
-        *os.environ.get("XLA_FLAGS", "").split(),
-        "--xla_cpu_enable_concurrency_optimized_scheduler=false",
-      ]
-    )
-  )
+from benchmarks import cpu_env
 
-# One OpenBLAS thread for jaxlib's CPU QR and eigh, as in step_time.py (why: there).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+cpu_env.disable_concurrency_scheduler()  # before jax is imported (cpu_env has why)
+cpu_env.one_openblas_thread()
 
 import jax
 import jax.numpy as jnp

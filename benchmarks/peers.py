@@ -71,16 +71,16 @@ from typing import Any
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# One OpenBLAS thread for jaxlib's CPU QR and eigh, as in step_time.py (why: there); the workers
-# inherit it.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 from absl import app, flags
+
+from benchmarks import cpu_env
+
+cpu_env.one_openblas_thread()  # before jax is imported; the workers inherit it
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 REQUIREMENTS = os.path.join(HERE, "requirements-peers.txt")
-SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+SCHEDULER_FLAG = cpu_env.SCHEDULER_FLAG
 LEARNING_RATE = 1e-4
 
 # name: (package, settings). Shampoo: lr, block size, beta1 0.9, beta2 0.999, preconditioners

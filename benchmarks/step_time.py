@@ -29,24 +29,10 @@ from typing import Any
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# XLA's CPU scheduler in jaxlib 0.10 can deadlock (a step never returns from block_until_ready;
-# seen with kl_precond's first SOAP step on the transformer). Set before jax is imported;
-# KL_PRECOND_BENCH_XLA_SCHEDULER=default keeps XLA's default scheduler.
-if os.environ.get("KL_PRECOND_BENCH_XLA_SCHEDULER") != "default":
-  os.environ["XLA_FLAGS"] = " ".join(
-    dict.fromkeys(
-      [
-        *os.environ.get("XLA_FLAGS", "").split(),
-        "--xla_cpu_enable_concurrency_optimized_scheduler=false",
-      ]
-    )
-  )
+from benchmarks import cpu_env
 
-# jaxlib's CPU QR and eigh call scipy's OpenBLAS, and XLA spreads a batched decomposition over its
-# own pool: OpenBLAS's threads then oversubscribe the cores (a transformer SOAP refresh step took
-# 1421 ms with them, 1256 ms without, 2026-12-05). Set before jax is imported; a value the user
-# set is kept (OPENBLAS_NUM_THREADS=2 to time the default).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+cpu_env.disable_concurrency_scheduler()  # before jax is imported (cpu_env has why)
+cpu_env.one_openblas_thread()
 
 import numpy as np
 from absl import app, flags
