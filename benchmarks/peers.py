@@ -50,6 +50,7 @@ a worker alike (the peers' eigh and triangular solves call LAPACK/BLAS too).
     python -m benchmarks.peers --tasks=transformer --peers=dist_shampoo_b256_eigh,psgd_kron_p0.1 \
         --ours=shampoo@256,soap
     python -m benchmarks.peers --smoke                          # tiny MLP, f = 2, 2 peers, 2 ours
+    python -m benchmarks.peers --in_this_venv --tasks=transformer --peers=psgd_kron_p0.1  # jax 0.10
 
 Writes ``peers.json``, ``peers.md`` and ``peers.png`` to ``--out_dir``.
 """
@@ -153,6 +154,12 @@ _PEER_TIMEOUT = flags.DEFINE_integer(
   1800,
   "Seconds a worker may take per two runners it times (AdamW and one peer: this; the "
   "head-to-head worker proportionally more) before it is killed.",
+)
+_IN_THIS_VENV = flags.DEFINE_bool(
+  "in_this_venv",
+  False,
+  "Run the workers in this venv (its jax) with the peer packages installed --no-deps at "
+  "<peer_venv>_current_jax on PYTHONPATH, instead of in the peers' jax 0.5.3 venv.",
 )
 _PROBE = flags.DEFINE_bool("probe_current_jax", True, "Try each peer package in this venv too.")
 _PROBE_TIMEOUT = flags.DEFINE_integer("probe_timeout", 90, "Seconds per peer tried in this venv.")
@@ -518,7 +525,15 @@ class _Run:
       f"{len(specs)} of ours {list(specs)}; limit {limit:.0f} s",
       flush=True,
     )
-    result = run_worker(python, task, peers, specs, self.settings, limit)
+    result = run_worker(
+      python,
+      task,
+      peers,
+      specs,
+      self.settings,
+      limit,
+      pythonpath=self.settings.get("pythonpath", ""),
+    )
     env = result.get("environment", {})
     self.report["processes"][process] = {
       "task": task,
@@ -753,14 +768,20 @@ def driver(
     "probes": {},
   }
   run = _Run(settings, report, timeout)
+  where = "this venv" if settings.get("in_this_venv") else "peers' venv"
   try:
-    report["venv"] = ensure_venv(peer_venv)
+    if settings.get("in_this_venv"):
+      copies = ensure_current_jax_copies(peer_venv + "_current_jax")
+      settings["pythonpath"] = copies["path"]
+      report["venv"] = {"python": sys.executable, "peer_packages": copies}
+    else:
+      report["venv"] = ensure_venv(peer_venv)
   except subprocess.CalledProcessError as error:
     report["venv"] = {"error": str(error)}
   timed_specs = [] if settings["ours_json"] else list(specs)
   for task in tasks:
     if "error" not in report["venv"]:
-      run.task(report["venv"]["python"], task, peers, timed_specs, "peers' venv")
+      run.task(report["venv"]["python"], task, peers, timed_specs, where)
       continue
     error = f"peers' venv unavailable: {report['venv']['error']}"
     report["rows"].extend(
@@ -889,8 +910,15 @@ def markdown(report: dict[str, Any]) -> str:
   lines = [
     "# Peers vs ours, head-to-head: step time as a ratio to optax.adamw of the same process",
     "",
-    f"AdamW, the peers and ours ({layout}) in the jax 0.5.3 venv at `{settings['peer_venv']}` "
-    f"(pins in requirements-peers.txt), `XLA_FLAGS={SCHEDULER_FLAG}`, "
+    f"AdamW, the peers and ours ({layout}) "
+    + (
+      f"in this venv (its jax; peer packages from "
+      f"`{report['venv'].get('peer_packages', {}).get('path', '?')}`, "
+      "installed without their pinned dependencies), "
+      if settings.get("in_this_venv")
+      else f"in the jax 0.5.3 venv at `{settings['peer_venv']}` (pins in requirements-peers.txt), "
+    )
+    + f"`XLA_FLAGS={SCHEDULER_FLAG}`, "
     f"`OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS') or 'unset'}`, "
     "interleaved in chunks of "
     f"{settings['chunk']}: {settings['warmup']} warmup + {settings['steps']} timed calls per "
@@ -1069,6 +1097,7 @@ def main(argv: Sequence[str]) -> None:
     ours_json=_OURS_JSON.value,
     peer_venv=_PEER_VENV.value,
     combined=_COMBINED.value,
+    in_this_venv=_IN_THIS_VENV.value,
   )
   driver(
     _TASKS.value if (_TASKS.present or not smoke) else ["mlp"],

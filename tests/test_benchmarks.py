@@ -340,3 +340,57 @@ def test_peers_fallback_when_head_to_head_hangs(tmp_path, monkeypatch):
   text = (tmp_path / "peers.md").read_text()
   assert "| mlp | dk_pro | 3.00 (3.00) | soap@256 † | 1.50 (1.50) | yes | yes |" in text
   assert "fell back to one worker per peer (culprit: soap@256)" in text
+
+
+def test_peers_in_this_venv_runs_workers_here_with_the_peer_copies(tmp_path, monkeypatch):
+  """``--in_this_venv``: no peers' venv is made; every worker is this interpreter with the peer
+  packages' copies on its PYTHONPATH, and the rows and table say so."""
+  import sys
+
+  from benchmarks import peers
+
+  calls = []
+
+  def fake_worker(python, task, peer_names, specs, settings, timeout, **kwargs):
+    calls.append((python, kwargs.get("pythonpath")))
+    names = ["adamw", *peer_names, *specs]
+    times = {"adamw": 1.0, "psgd_kron_p0.1": 1.2, "soap": 1.3}
+    return {
+      "environment": {"jax": "0.10.2", "optax": "0.2.8"},
+      "results": {n: _fake_summary(times[n], 1.0) for n in names},
+      "wall_seconds": 1.0,
+    }
+
+  def no_venv(path):
+    raise AssertionError("the peers' venv must not be made with --in_this_venv")
+
+  monkeypatch.setattr(peers, "run_worker", fake_worker)
+  monkeypatch.setattr(peers, "ensure_venv", no_venv)
+  copies = str(tmp_path / "copies")
+  monkeypatch.setattr(
+    peers, "ensure_current_jax_copies", lambda path: {"path": copies, "packages": ["x==1"]}
+  )
+  settings = {
+    "frequency": 10,
+    "warmup": 1,
+    "steps": 2,
+    "chunk": 1,
+    "smoke": False,
+    "progress": False,
+    "call_timeout": 60.0,
+    "max_precond_dim": 10000,
+    "sequential_eigh": False,
+    "out_dir": str(tmp_path),
+    "ours_json": "",
+    "peer_venv": str(tmp_path / "venv"),
+    "combined": True,
+    "in_this_venv": True,
+  }
+  report = peers.driver(["transformer"], ["psgd_kron_p0.1"], ["soap"], settings, "v", 10, False)
+  assert calls == [(sys.executable, copies)]
+  assert {r["env"] for r in report["rows"]} == {"jax 0.10.2 (this venv)"}
+  (verdict,) = report["verdicts"]["comparisons"]
+  assert verdict["peer"] == "psgd_kron_p0.1" and not verdict["faster_amortised"]
+  text = (tmp_path / "peers.md").read_text()
+  assert f"in this venv (its jax; peer packages from `{copies}`" in text
+  assert "jax 0.5.3 venv" not in text
