@@ -44,6 +44,33 @@ def _compute_dtype(dtype: Any) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+# LAPACK's QR on CPU is up to a third slower when the matrix's leading dimension is a power of
+# two (cache-set conflicts of the column-major storage; scipy, one OpenBLAS thread: 1024² 50 ms
+# against 35 ms for 1032×1024, 2048² 333 against 243 ms). Zero rows appended below the matrix
+# change the leading dimension and nothing else: every Householder vector is zero there, so the
+# first n rows of the tall Q are the Q of the square matrix (see :func:`_qr_q`).
+_QR_PAD_FROM = 512
+_QR_PAD_ROWS = 8
+
+
+def _qr_q(matrix: jax.Array) -> jax.Array:
+  """``qr(matrix).Q`` of square matrices ``(..., n, n)``; on CPU with n >= 512 computed as the
+  first n rows of the Q of ``[matrix; 0]`` (8 zero rows), which LAPACK factors faster."""
+  n = matrix.shape[-1]
+
+  def plain(m: jax.Array) -> jax.Array:
+    return jnp.linalg.qr(m)[0]
+
+  if n < _QR_PAD_FROM:
+    return plain(matrix)
+
+  def padded(m: jax.Array) -> jax.Array:
+    zeros = jnp.zeros((*m.shape[:-2], _QR_PAD_ROWS, n), m.dtype)
+    return jnp.linalg.qr(jnp.concatenate([m, zeros], axis=-2))[0][..., :n, :]
+
+  return jax.lax.platform_dependent(matrix, cpu=padded, default=plain)
+
+
 def _eigh_descending(factor: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Eigenvalues and eigenvectors of a symmetric factor, by descending eigenvalue."""
   matrix = factor.astype(_compute_dtype(factor.dtype))
@@ -156,7 +183,7 @@ class Refresh:
         estimates = jnp.sum(current * power, axis=0)
         order = jnp.argsort(-estimates, stable=True)
         power = power[:, order]
-      new_basis, _ = jnp.linalg.qr(power)
+      new_basis = _qr_q(power)
       bases.append(new_basis.astype(basis.dtype))
       permutations.append(order)
     return BasisState(tuple(bases), state.eigenvalues), tuple(permutations)
