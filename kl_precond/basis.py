@@ -44,13 +44,14 @@ def _compute_dtype(dtype: Any) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-# LAPACK's QR on CPU is up to a third slower when the matrix's leading dimension is a power of
-# two (cache-set conflicts of the column-major storage; scipy, one OpenBLAS thread: 1024² 50 ms
-# against 35 ms for 1032×1024, 2048² 333 against 243 ms). Zero rows appended below the matrix
-# change the leading dimension and nothing else: every Householder vector is zero there, so the
-# first n rows of the tall Q are the Q of the square matrix (see :func:`_qr_q`).
-_QR_PAD_FROM = 512
-_QR_PAD_ROWS = 8
+# LAPACK's QR and eigh on CPU are slower when the matrix's leading dimension is a power of two
+# (cache-set conflicts of the column-major storage; QR with scipy and one OpenBLAS thread: 1024²
+# 50 ms against 35 ms for 1032×1024, 2048² 333 against 243 ms; jnp.linalg.eigh of 1024² 109
+# against 89 ms with 8 rows and columns appended). Appending rows (and, for eigh, a separate
+# diagonal block) changes the leading dimension and none of the results: see :func:`_qr_q` and
+# :func:`_eigh`. Only on CPU, from n = 512 (smaller matrices gain nothing measurable).
+_PAD_FROM = 512
+_PAD_ROWS = 8
 
 
 def _qr_q(matrix: jax.Array) -> jax.Array:
@@ -61,12 +62,40 @@ def _qr_q(matrix: jax.Array) -> jax.Array:
   def plain(m: jax.Array) -> jax.Array:
     return jnp.linalg.qr(m)[0]
 
-  if n < _QR_PAD_FROM:
+  if n < _PAD_FROM:
     return plain(matrix)
 
   def padded(m: jax.Array) -> jax.Array:
-    zeros = jnp.zeros((*m.shape[:-2], _QR_PAD_ROWS, n), m.dtype)
+    zeros = jnp.zeros((*m.shape[:-2], _PAD_ROWS, n), m.dtype)
     return jnp.linalg.qr(jnp.concatenate([m, zeros], axis=-2))[0][..., :n, :]
+
+  return jax.lax.platform_dependent(matrix, cpu=padded, default=plain)
+
+
+def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``eigh`` of a symmetric ``(n, n)`` matrix, ascending; on CPU with n >= 512 computed on
+  ``diag(matrix, c I)`` (8 extra rows and columns, the same leading-dimension effect as
+  :func:`_qr_q`) with ``c`` below every eigenvalue (Gershgorin), whose eigenpairs come first and
+  are dropped. The coupling blocks are exactly zero, so the tridiagonal reduction never mixes the
+  two blocks."""
+  n = matrix.shape[-1]
+
+  def plain(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    values, vectors = jnp.linalg.eigh(m, symmetrize_input=True)
+    return values, vectors
+
+  if n < _PAD_FROM:
+    return plain(matrix)
+
+  def padded(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    p = _PAD_ROWS
+    magnitude = jnp.abs(m)  # Gershgorin: no eigenvalue of sym(m) lies below -max(row/col sum)
+    bound = jnp.maximum(jnp.max(jnp.sum(magnitude, axis=-1)), jnp.max(jnp.sum(magnitude, axis=-2)))
+    below = -1.0 - 2.0 * bound
+    big = jnp.zeros((n + p, n + p), m.dtype).at[:n, :n].set(m)
+    big = big.at[n:, n:].set(below * jnp.eye(p, dtype=m.dtype))
+    values, vectors = jnp.linalg.eigh(big, symmetrize_input=True)
+    return values[p:], vectors[:n, p:]
 
   return jax.lax.platform_dependent(matrix, cpu=padded, default=plain)
 
@@ -74,7 +103,7 @@ def _qr_q(matrix: jax.Array) -> jax.Array:
 def _eigh_descending(factor: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Eigenvalues and eigenvectors of a symmetric factor, by descending eigenvalue."""
   matrix = factor.astype(_compute_dtype(factor.dtype))
-  values, vectors = jnp.linalg.eigh(matrix, symmetrize_input=True)
+  values, vectors = _eigh(matrix)
   return values[::-1], vectors[:, ::-1]
 
 
