@@ -14,7 +14,10 @@ eigenvalues ``diag(Qᵀ F Q)`` (upstream SOAP):
 The permutation ``π`` is returned so that the scaling stage can permute buffers that live in
 the eigenbasis and are not rotated (SOAP's second moment). Decompositions run in float32 at
 least (float64 when the factor is float64) and are cast back. A refresh that yields a
-non-finite basis keeps the previous one; the chassis counts such failures.
+non-finite basis keeps the previous one; the chassis counts such failures. On CPU, factors of
+512 and up are decomposed with 8 appended rows (and, for ``eigh``, columns), which LAPACK
+handles faster than a power-of-two leading dimension and which change no result beyond
+rounding (:func:`_qr_q`, :func:`_eigh`).
 """
 
 from __future__ import annotations
