@@ -92,12 +92,15 @@ def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   def padded(m: jax.Array) -> tuple[jax.Array, jax.Array]:
     p = _PAD_ROWS
-    magnitude = jnp.abs(m)  # Gershgorin: no eigenvalue of sym(m) lies below -max(row/col sum)
-    bound = jnp.maximum(jnp.max(jnp.sum(magnitude, axis=-1)), jnp.max(jnp.sum(magnitude, axis=-2)))
+    sym = (m + m.T) / 2  # what symmetrize_input=True does, before the padding
+    bound = jnp.max(jnp.sum(jnp.abs(sym), axis=-1))  # Gershgorin: no eigenvalue below -bound
     below = -1.0 - 2.0 * bound
-    big = jnp.zeros((n + p, n + p), m.dtype).at[:n, :n].set(m)
+    # Entries near the dtype's range overflow the bound; LAPACK rescales a matrix whose norm is
+    # out of range, so the most negative finite value still sorts first.
+    below = jnp.where(jnp.isfinite(below), below, -jnp.finfo(m.dtype).max)
+    big = jnp.zeros((n + p, n + p), m.dtype).at[:n, :n].set(sym)
     big = big.at[n:, n:].set(below * jnp.eye(p, dtype=m.dtype))
-    values, vectors = jnp.linalg.eigh(big, symmetrize_input=True)
+    values, vectors = jnp.linalg.eigh(big, symmetrize_input=False)
     return values[p:], vectors[:n, p:]
 
   return jax.lax.platform_dependent(matrix, cpu=padded, default=plain)

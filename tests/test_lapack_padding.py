@@ -134,3 +134,19 @@ def test_padded_and_unpadded_decompositions_give_the_same_trajectory(name, monke
     plain = run()
   assert np.isfinite(padded).all()
   assert np.abs(padded - plain).max() < 1e-10 * np.abs(plain).max()
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e37])
+def test_eigh_padding_works_wherever_the_plain_eigh_does(scale):
+  """The padded block's value is derived from the matrix's size; near the ends of float32's range
+  it must neither overflow (1e37: row sums above the largest float) nor lose the matrix."""
+  rng = np.random.default_rng(1)
+  g = rng.standard_normal((512, 512))
+  matrix = (g @ g.T / 512 * scale).astype(np.float32)
+  plain = np.asarray(jnp.linalg.eigh(jnp.asarray(matrix))[0], np.float64)
+  values, vectors = basis._eigh(jnp.asarray(matrix))
+  values = np.asarray(values, np.float64)
+  expected = np.linalg.eigvalsh(matrix.astype(np.float64))
+  assert np.isfinite(plain).all() and np.isfinite(values).all()
+  assert np.abs(values - expected).max() < 1e-5 * np.abs(expected).max()
+  assert np.isfinite(np.asarray(vectors)).all()
