@@ -271,6 +271,24 @@ def test_peers_fixed_probability_kron_counts_only_at_its_update_period():
     assert {v["peer"] for v in comparisons if v["equal_rate"]} == counted
 
 
+def _driver_settings(tmp_path, **overrides) -> dict:
+  """The settings ``peers.driver`` takes, for a driver test with a fake worker."""
+  settings = {
+    "warmup": 1,
+    "steps": 2,
+    "chunk": 1,
+    "progress": False,
+    "call_timeout": 60.0,
+    "max_precond_dim": 10000,
+    "sequential_eigh": False,
+    "out_dir": str(tmp_path),
+    "ours_json": "",
+    "peer_venv": "unused",
+    "combined": True,
+  }
+  return dict(settings, **overrides)
+
+
 def test_peers_fallback_when_head_to_head_hangs(tmp_path, monkeypatch):
   """The head-to-head worker hangs in one of ours: one worker per peer (with only its
   equal-settings specs, without the method that hung), then that method alone; the verdicts
@@ -294,21 +312,7 @@ def test_peers_fallback_when_head_to_head_hangs(tmp_path, monkeypatch):
 
   monkeypatch.setattr(peers, "run_worker", fake_worker)
   monkeypatch.setattr(peers, "ensure_venv", lambda path: {"python": "python"})
-  settings = {
-    "frequency": 2,
-    "warmup": 1,
-    "steps": 2,
-    "chunk": 1,
-    "smoke": True,
-    "progress": False,
-    "call_timeout": 60.0,
-    "max_precond_dim": 10000,
-    "sequential_eigh": False,
-    "out_dir": str(tmp_path),
-    "ours_json": "",
-    "peer_venv": "unused",
-    "combined": True,
-  }
+  settings = _driver_settings(tmp_path, frequency=2, smoke=True)
   specs = ["soap@256", "shampoo@256"]
   report = peers.driver(
     ["mlp"], ["dist_shampoo_b256_eigh", "dk_pro"], specs, settings, "", 10, False
@@ -370,22 +374,9 @@ def test_peers_in_this_venv_runs_workers_here_with_the_peer_copies(tmp_path, mon
   monkeypatch.setattr(
     peers, "ensure_current_jax_copies", lambda path: {"path": copies, "packages": ["x==1"]}
   )
-  settings = {
-    "frequency": 10,
-    "warmup": 1,
-    "steps": 2,
-    "chunk": 1,
-    "smoke": False,
-    "progress": False,
-    "call_timeout": 60.0,
-    "max_precond_dim": 10000,
-    "sequential_eigh": False,
-    "out_dir": str(tmp_path),
-    "ours_json": "",
-    "peer_venv": str(tmp_path / "venv"),
-    "combined": True,
-    "in_this_venv": True,
-  }
+  settings = _driver_settings(
+    tmp_path, frequency=10, smoke=False, peer_venv=str(tmp_path / "venv"), in_this_venv=True
+  )
   report = peers.driver(["transformer"], ["psgd_kron_p0.1"], ["soap"], settings, "v", 10, False)
   assert calls == [(sys.executable, copies)]
   assert {r["env"] for r in report["rows"]} == {"jax 0.10.2 (this venv)"}
