@@ -57,6 +57,13 @@ _PAD_FROM = 512
 _PAD_ROWS = 8
 
 
+def _padded_on_cpu(matrix: jax.Array, padded: Any, plain: Any) -> Any:
+  """``padded(matrix)`` on CPU for n >= ``_PAD_FROM``, else ``plain(matrix)``."""
+  if matrix.shape[-1] < _PAD_FROM:
+    return plain(matrix)
+  return jax.lax.platform_dependent(matrix, cpu=padded, default=plain)
+
+
 def _qr_q(matrix: jax.Array) -> jax.Array:
   """``qr(matrix).Q`` of square matrices ``(..., n, n)``; on CPU with n >= 512 computed as the
   first n rows of the Q of ``[matrix; 0]`` (8 zero rows), which LAPACK factors faster."""
@@ -65,14 +72,11 @@ def _qr_q(matrix: jax.Array) -> jax.Array:
   def plain(m: jax.Array) -> jax.Array:
     return jnp.linalg.qr(m)[0]
 
-  if n < _PAD_FROM:
-    return plain(matrix)
-
   def padded(m: jax.Array) -> jax.Array:
     zeros = jnp.zeros((*m.shape[:-2], _PAD_ROWS, n), m.dtype)
     return jnp.linalg.qr(jnp.concatenate([m, zeros], axis=-2))[0][..., :n, :]
 
-  return jax.lax.platform_dependent(matrix, cpu=padded, default=plain)
+  return _padded_on_cpu(matrix, padded, plain)
 
 
 def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -87,9 +91,6 @@ def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
     values, vectors = jnp.linalg.eigh(m, symmetrize_input=True)
     return values, vectors
 
-  if n < _PAD_FROM:
-    return plain(matrix)
-
   def padded(m: jax.Array) -> tuple[jax.Array, jax.Array]:
     p = _PAD_ROWS
     sym = (m + m.T) / 2  # what symmetrize_input=True does, before the padding
@@ -103,7 +104,7 @@ def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
     values, vectors = jnp.linalg.eigh(big, symmetrize_input=False)
     return values[p:], vectors[:n, p:]
 
-  return jax.lax.platform_dependent(matrix, cpu=padded, default=plain)
+  return _padded_on_cpu(matrix, padded, plain)
 
 
 def _eigh_descending(factor: jax.Array) -> tuple[jax.Array, jax.Array]:
