@@ -1,10 +1,10 @@
 """The named optimizers: each a short chain of the stages in :mod:`kl_precond.preconditioner`.
 
-| method     | estimator     | basis                         | scaling                              |
-| ---------- | ------------- | ----------------------------- | ------------------------------------ |
-| SOAP       | ``frobenius`` | ``qr_every(T, sort=True)``    | ``adam(bias_correction=True)``       |
-| KL-SOAP    | ``kl``        | ``qr_every(T, sort=False)``   | ``adam(bias_correction=False)``      |
-| KL-Shampoo | ``kl``        | ``qr_every(T, sort=False)``   | ``kronecker_eigenvalues(1/2, outside)`` |
+| method     | estimator     | basis                       | scaling                                             |
+| ---------- | ------------- | --------------------------- | --------------------------------------------------- |
+| SOAP       | ``frobenius`` | ``qr_every(T, sort=True)``  | ``adam(bias_correction=True)``                      |
+| KL-SOAP    | ``kl``        | ``qr_every(T, sort=False)`` | ``adam(bias_correction=False)``                     |
+| KL-Shampoo | ``kl``        | ``qr_every(T, sort=False)`` | ``kronecker_eigenvalues(1/2, outside, M in basis)`` |
 
 Every ``X(learning_rate, ...)`` is ``optax.chain(scale_by_X(...),
 optax.add_decayed_weights(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))``:
@@ -365,7 +365,10 @@ def scale_by_kl_shampoo(
 
   i.e. ``(Ŝ_L ⊗ Ŝ_R)^{-1/2}`` applied to the momentum, with the factors, bases and EMA
   eigenvalues ``ℓ`` of :func:`kl_precond.kl`. No Adam second moment, no grafting, no bias
-  correction. Tensors with no factor (0-/1-D unless ``precondition_1d``) take plain Adam
+  correction. The state holds the momentum in the eigenbasis, ``Q_Lᵀ M Q_R``, re-rotated at each
+  refresh (``kronecker_eigenvalues(momentum_in_eigenbasis=True)``): the projection of ``G`` is
+  shared with the estimator, and the direction is the reference's up to rounding. Tensors with
+  no factor (0-/1-D unless ``precondition_1d``) take plain Adam
   (``b1``, ``b2``, ``eps``, bias-corrected).
 
   Args:
@@ -413,7 +416,9 @@ def scale_by_kl_shampoo(
   return preconditioner.scale_by_preconditioner(
     estimator,
     refresh,
-    scaling.kronecker_eigenvalues(b1, eps, exponents=0.5, eps_placement="outside", dtype=dtype),
+    scaling.kronecker_eigenvalues(
+      b1, eps, exponents=0.5, eps_placement="outside", dtype=dtype, momentum_in_eigenbasis=True
+    ),
     layout=_layout(layout, max_precond_dim, merge_small_dims, precondition_1d),
     fallback=scaling.adam(b1, b2, eps, bias_correction=True, dtype=dtype),
     normalize_grads=normalize_grads,

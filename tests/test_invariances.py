@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 
 import kl_precond as kp
 from kl_precond import layout as layout_lib
+from kl_precond import tensor_ops
 
 SCALE_BY = {
   "soap": kp.scale_by_soap,
@@ -118,7 +121,9 @@ def test_kl_soap_equals_its_hand_built_chain():
 def test_kl_shampoo_differs_from_kl_soap_only_in_scaling():
   tx = kp.kl_shampoo(1e-2, 0.9, 0.95, 1e-8, 0.01, precondition_frequency=3)
   hand = _hand_built(
-    kp.kronecker_eigenvalues(0.9, 1e-8, exponents=0.5, eps_placement="outside"),
+    kp.kronecker_eigenvalues(
+      0.9, 1e-8, exponents=0.5, eps_placement="outside", momentum_in_eigenbasis=True
+    ),
     kp.kl(0.95),
     kp.qr_every(3, sort=False),
     fallback=kp.adam(0.9, 0.95, 1e-8),
@@ -356,6 +361,125 @@ def test_cached_roots_equal_projecting_scaling_and_unprojecting(exponents, eps_m
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
         moved = max(moved, float(np.max(np.abs(np.asarray(a)))))
     assert moved > 0
+
+
+@pytest.mark.parametrize(
+  "estimator, refresh, first_call, bias_correction",
+  [
+    ("kl", "qr", "init_only", False),  # KL-Shampoo
+    ("kl", "qr_sorted", "precondition", True),  # sorted refreshes permute the basis columns
+    ("frobenius", "eigh", "identity", True),
+  ],
+)
+def test_momentum_in_eigenbasis_equals_momentum_in_parameter_space(
+  estimator, refresh, first_call, bias_correction
+):
+  """``M̃ = proj(M)`` folded from ``proj(G)`` and re-rotated at refreshes against ``M`` in
+  parameter space projected on every step: float64, 10 steps over 3 refreshes, a 3-D tensor,
+  a blocked matrix (blocks of at most 5) and an axis with no factor."""
+  with jax.enable_x64():
+    params = {
+      "w": jnp.ones((6, 4)),
+      "t": jnp.ones((2, 3, 4)),
+      "long": jnp.ones((3, 7)),  # 7 > 5 and not blocked below: axis 1 has no factor
+      "b": jnp.ones((4,)),
+    }
+    stats = kp.kl(0.95) if estimator == "kl" else kp.frobenius(0.95, bias_correction=True)
+    basis = {
+      "qr": kp.qr_every(3, sort=False),
+      "qr_sorted": kp.qr_every(3, sort=True),
+      "eigh": kp.eigh_every(3, ridge=1e-6, keep_eigenvalues=True),
+    }[refresh]
+
+    def chain(in_basis, layout):
+      return kp.scale_by_preconditioner(
+        stats,
+        basis,
+        kp.kronecker_eigenvalues(
+          0.9,
+          1e-3,
+          exponents=0.5,
+          eps_placement="outside",
+          bias_correction=bias_correction,
+          momentum_in_eigenbasis=in_basis,
+        ),
+        layout=layout,
+        fallback=kp.adam(0.9, 0.95, 1e-8),
+        first_call=first_call,
+      )
+
+    grads = _grads(params, 10, seed=5)
+    for lay in (kp.LayoutConfig(max_precond_dim=5), kp.LayoutConfig(5, blocking=True)):
+      rotated, rotated_state = _run(chain(True, lay), params, grads)
+      plain, plain_state = _run(chain(False, lay), params, grads)
+      moved = 0.0
+      for x, y in zip(rotated, plain, strict=True):
+        for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+          np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+          moved = max(moved, float(np.max(np.abs(np.asarray(a)))))
+      assert moved > 0
+      # The stored moments differ (one is in the basis) and agree once rotated back.
+      checked = 0
+      for r, q in zip(rotated_state.buckets, plain_state.buckets, strict=True):
+        if not any(b is not None for b in r.basis.bases):
+          continue
+        back = jax.vmap(tensor_ops.unproject)(r.scaling.mu, r.basis.bases)
+        np.testing.assert_allclose(back, q.scaling.mu, rtol=1e-9, atol=1e-12)
+        assert not np.allclose(r.scaling.mu, q.scaling.mu)
+        checked += 1
+      assert checked
+
+
+def _dots_on_every_call(hlo: str) -> int:
+  """Matrix products in the computations a compiled module runs on every call: ENTRY and what
+  it calls (fusions, loops), not the branches of its conditionals (the refreshes)."""
+  bodies = {}
+  entry = ""
+  for block in re.split(r"\n(?=\S)", hlo):
+    match = re.match(r"(ENTRY )?%?([\w.\-]+) ", block)
+    if match:
+      bodies[match.group(2)] = block
+      entry = match.group(2) if match.group(1) else entry
+  seen, stack = set(), [entry]
+  while stack:
+    name = stack.pop()
+    if name in seen or name not in bodies:
+      continue
+    seen.add(name)
+    stack += re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", bodies[name])
+  return sum(len(re.findall(r"= \S+ dot\(", bodies[name])) for name in seen)
+
+
+def test_kl_shampoo_shares_the_projection_of_the_gradient():
+  """The compiled update of KL-Shampoo with its momentum in the eigenbasis runs two matrix
+  products fewer on every call than with the momentum in parameter space (the projection of
+  ``G`` is the estimator's; ``proj(M)`` is gone); the refresh branches are not counted."""
+
+  def dots(in_basis):
+    tx = kp.scale_by_preconditioner(
+      kp.kl(0.95),
+      kp.qr_every(3, sort=False),
+      kp.kronecker_eigenvalues(
+        0.9, 1e-8, exponents=0.5, eps_placement="outside", momentum_in_eigenbasis=in_basis
+      ),
+      fallback=kp.adam(0.9, 0.95, 1e-8),
+    )
+    params = {"w": jnp.ones((24, 16))}
+    return _dots_on_every_call(
+      jax.jit(tx.update).lower(params, tx.init(params)).compile().as_text()
+    )
+
+  plain = dots(False)
+  # Two grams, the whitening, proj(G) and proj(M) (two each), the unprojection (two).
+  assert plain == 9
+  assert dots(True) == plain - 2
+
+
+def test_momentum_in_eigenbasis_excludes_cached_roots():
+  with pytest.raises(ValueError, match="exclude each other"):
+    kp.kronecker_eigenvalues(
+      0.9, 1e-8, eps_placement="inside", cache_roots=True, momentum_in_eigenbasis=True
+    )
 
 
 def test_cache_roots_is_rejected_where_it_would_be_wrong():
