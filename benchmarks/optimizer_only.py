@@ -61,9 +61,9 @@ NEVER = 10**9  # a precondition_frequency that never refreshes within a benchmar
 #       Gram (right). The projection multiplies the longer side first, the same product as
 #       that side's whitening (merged too): min(left, right) of the whitening remains
 #                                         → 3(left + right) + min(left, right) = 7n³ (square)
-#   KL-Shampoo (kl + qr_every + kronecker_eigenvalues):
-#     direction: project the momentum, unproject (2 × (left + right)); estimator as KL-SOAP
-#                                         → 4(left + right) + min(left, right) = 9n³ (square)
+#   KL-Shampoo (kl + qr_every + kronecker_eigenvalues(momentum_in_eigenbasis=True)):
+#     the momentum is kept projected and folds the estimator's projection of G; unproject; the
+#     estimator as KL-SOAP                → 3(left + right) + min(left, right) = 7n³ (square)
 #   Shampoo, AdamW-Shampoo (frobenius statistics, eigenvalue scaling with cached roots):
 #     Grams (left + right), then the momentum times the cached roots R_L M R_R (left + right)
 #                                                           → 2(left + right) = 4mn(m+n)
@@ -74,7 +74,7 @@ FLOP_COUNTS = {
   "adamw": 0,
   "soap": 3,
   "kl_soap": 3,
-  "kl_shampoo": 4,
+  "kl_shampoo": 3,
   "shampoo": 2,
   "adamw_shampoo": 2,
 }
@@ -82,7 +82,8 @@ UNMERGED_WHITENING = ("kl_soap", "kl_shampoo")
 COUNT_NOTES = {
   "kl_soap": "the estimator's projection of G is the direction's, and its first product one "
   "whitening's, merged by XLA",
-  "kl_shampoo": "the projection's first product is one whitening's, merged by XLA",
+  "kl_shampoo": "the momentum kept in the eigenbasis folds the estimator's projection of G; the "
+  "projection's first product is one whitening's, merged by XLA",
   "shampoo": "with the default cache_roots=True (3 units with cache_roots=False)",
   "adamw_shampoo": "with the default cache_roots=True (3 units with cache_roots=False)",
 }

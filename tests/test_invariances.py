@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +14,7 @@ from hypothesis import strategies as st
 import kl_precond as kp
 from kl_precond import layout as layout_lib
 from kl_precond import tensor_ops
+from tests import hlo
 
 SCALE_BY = {
   "soap": kp.scale_by_soap,
@@ -430,26 +429,6 @@ def test_momentum_in_eigenbasis_equals_momentum_in_parameter_space(
       assert checked
 
 
-def _dots_on_every_call(hlo: str) -> int:
-  """Matrix products in the computations a compiled module runs on every call: ENTRY and what
-  it calls (fusions, loops), not the branches of its conditionals (the refreshes)."""
-  bodies = {}
-  entry = ""
-  for block in re.split(r"\n(?=\S)", hlo):
-    match = re.match(r"(ENTRY )?%?([\w.\-]+) ", block)
-    if match:
-      bodies[match.group(2)] = block
-      entry = match.group(2) if match.group(1) else entry
-  seen, stack = set(), [entry]
-  while stack:
-    name = stack.pop()
-    if name in seen or name not in bodies:
-      continue
-    seen.add(name)
-    stack += re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", bodies[name])
-  return sum(len(re.findall(r"= \S+ dot\(", bodies[name])) for name in seen)
-
-
 def test_kl_shampoo_shares_the_projection_of_the_gradient():
   """The compiled update of KL-Shampoo with its momentum in the eigenbasis runs two matrix
   products fewer on every call than with the momentum in parameter space (the projection of
@@ -465,7 +444,7 @@ def test_kl_shampoo_shares_the_projection_of_the_gradient():
       fallback=kp.adam(0.9, 0.95, 1e-8),
     )
     params = {"w": jnp.ones((24, 16))}
-    return _dots_on_every_call(
+    return hlo.dots_on_every_call(
       jax.jit(tx.update).lower(params, tx.init(params)).compile().as_text()
     )
 
