@@ -198,19 +198,19 @@ def test_make_optimizer_blocks_split_every_method_into_blocks(method):
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "adamw"])
 def test_optimizer_only_flop_counts_are_the_compiled_products(method):
-  """``optimizer_only``'s FLOP count of a non-refresh update equals the matrix products that the
+  """``optimizer_only``'s FLOP count (``benchmarks/flop_counts.py``) of a non-refresh update equals the matrix products that the
   compiled update runs on every call (refresh branches excluded), each 2n³ on a square block."""
   import jax
   import jax.numpy as jnp
 
-  from benchmarks import models, optimizer_only
+  from benchmarks import flop_counts, models
   from tests import hlo
 
   n = 32
   params = {"a": jnp.ones((n, n)), "b": jnp.ones((n, n))}  # one bucket of two blocks
   tx = models.make_optimizer(method, 10, max_precond_dim=10**6)
   text = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
-  assert hlo.dots_on_every_call(text) * 2 * n**3 == optimizer_only.update_flops(method, n, n)
+  assert hlo.dots_on_every_call(text) * 2 * n**3 == flop_counts.update_flops(method, n, n)
 
 
 def test_peers_json_rows_from_step_time_keep_unrotated_soap_apart():
