@@ -323,6 +323,16 @@ def test_blocks_round_trip(shape, cfg):
   np.testing.assert_array_equal(layout_lib.from_blocks(layout_lib.to_blocks(x, lay), lay), x)
 
 
+def _assert_close_and_moving(updates_a, updates_b):
+  """Two float64 update trajectories agree to 1e-9 (relative), and are not all zero."""
+  moved = 0.0
+  for x, y in zip(updates_a, updates_b, strict=True):
+    for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+      moved = max(moved, float(np.max(np.abs(np.asarray(a)))))
+  assert moved > 0
+
+
 @pytest.mark.parametrize(
   "exponents", [None, 0.25, {2: (0.1, 0.4)}, {2: (0.5, 0.0)}, {2: {0: 0.3}, 3: (0.2, 0.1, 0.3)}]
 )
@@ -354,12 +364,7 @@ def test_cached_roots_equal_projecting_scaling_and_unprojecting(exponents, eps_m
     grads = _grads(params, 9, seed=4)
     cached, _ = _run(chain(True), params, grads)
     plain, _ = _run(chain(False), params, grads)
-    moved = 0.0
-    for x, y in zip(cached, plain, strict=True):
-      for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
-        moved = max(moved, float(np.max(np.abs(np.asarray(a)))))
-    assert moved > 0
+    _assert_close_and_moving(cached, plain)
 
 
 @pytest.mark.parametrize(
@@ -374,13 +379,14 @@ def test_momentum_in_eigenbasis_equals_momentum_in_parameter_space(
   estimator, refresh, first_call, bias_correction
 ):
   """``M̃ = proj(M)`` folded from ``proj(G)`` and re-rotated at refreshes against ``M`` in
-  parameter space projected on every step: float64, 10 steps over 3 refreshes, a 3-D tensor,
-  a blocked matrix (blocks of at most 5) and an axis with no factor."""
+  parameter space projected on every step: float64, 10 steps over 3 refreshes, matrices, a 3-D
+  tensor and a 1-D fallback, with ``max_precond_dim=5`` (longer axes get no factor) and with
+  blocks of at most 5."""
   with jax.enable_x64():
     params = {
       "w": jnp.ones((6, 4)),
       "t": jnp.ones((2, 3, 4)),
-      "long": jnp.ones((3, 7)),  # 7 > 5 and not blocked below: axis 1 has no factor
+      "long": jnp.ones((3, 7)),  # unblocked: axis 1 has no factor; blocked: 5 + 2
       "b": jnp.ones((4,)),
     }
     stats = kp.kl(0.95) if estimator == "kl" else kp.frobenius(0.95, bias_correction=True)
@@ -411,12 +417,7 @@ def test_momentum_in_eigenbasis_equals_momentum_in_parameter_space(
     for lay in (kp.LayoutConfig(max_precond_dim=5), kp.LayoutConfig(5, blocking=True)):
       rotated, rotated_state = _run(chain(True, lay), params, grads)
       plain, plain_state = _run(chain(False, lay), params, grads)
-      moved = 0.0
-      for x, y in zip(rotated, plain, strict=True):
-        for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
-          np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
-          moved = max(moved, float(np.max(np.abs(np.asarray(a)))))
-      assert moved > 0
+      _assert_close_and_moving(rotated, plain)
       # The stored moments differ (one is in the basis) and agree once rotated back.
       checked = 0
       for r, q in zip(rotated_state.buckets, plain_state.buckets, strict=True):
