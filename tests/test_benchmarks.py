@@ -198,8 +198,9 @@ def test_make_optimizer_blocks_split_every_method_into_blocks(method):
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "adamw"])
 def test_optimizer_only_flop_counts_are_the_compiled_products(method):
-  """``optimizer_only``'s FLOP count (``benchmarks/flop_counts.py``) of a non-refresh update equals the matrix products that the
-  compiled update runs on every call (refresh branches excluded), each 2n³ on a square block."""
+  """``optimizer_only``'s FLOP count of a non-refresh update (``benchmarks/flop_counts.py``)
+  equals the matrix products that the compiled update runs on every call (refresh branches
+  excluded), each 2n³ on a square block."""
   import jax
   import jax.numpy as jnp
 
