@@ -33,6 +33,15 @@ per device, or a few small ones, ran). A worker killed after ``--timeout`` is re
 ``hung``, one that died as ``aborted``. This is a fake-device artefact of the CPU runtime, not
 a property of the sharding: on real devices each has its own executor.
 
+**Processes.** The sharded wall time on separate executors is measured with processes instead:
+``--processes=1,2`` launches, for each count ``n``, ``n`` processes joined by
+``jax.distributed.initialize`` on localhost (CPU collectives by gloo), each with one CPU device
+and pinned to one core of its own (``os.sched_setaffinity``), so that ``n`` processes are ``n``
+one-core devices: the multi-host recipe of :mod:`kl_precond.sharding`. The same sharded update
+is timed (``proc_wall``, process 0's median; every step ends in the collectives that assemble
+the replicated update, so the processes run in lockstep). Counts above the machine's cores share
+cores again and are skipped.
+
     python -m benchmarks.scaling                         # devices 1,2,4,8; 16 blocks of 256x256
     python -m benchmarks.scaling --blocks 8 --steps 5
     python -m benchmarks.scaling --smoke                 # tiny setting, < 30 s
@@ -43,9 +52,11 @@ Writes ``scaling.json``, ``scaling.md`` and ``scaling.png`` to ``--out_dir``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -81,12 +92,13 @@ class ScalingConfig:
   dim: int = 256
   steps: int = 10
   methods: tuple[str, ...] = METHODS
+  processes: tuple[int, ...] = (1, 2)
   timeout: float = 90.0
   out_dir: str = "outputs/benchmarks"
   progress: bool = True
 
 
-SMOKE: dict[str, Any] = {"blocks": 8, "dim": 32, "steps": 3}
+SMOKE: dict[str, Any] = {"blocks": 8, "dim": 32, "steps": 3, "processes": (1, 2)}
 
 
 def _optimizer(method: str) -> Any:
@@ -121,22 +133,30 @@ def _emit(row: dict[str, Any]) -> None:
   print(RESULT_PREFIX + json.dumps(row), flush=True)
 
 
-def measure_sharded(method: str, num_devices: int, config: ScalingConfig) -> None:
-  """Emits the HLO's local batch, then the wall time, of a sharded update on all devices."""
+def measure_sharded(
+  method: str, config: ScalingConfig, key: dict[str, Any], prefix: str = ""
+) -> None:
+  """Emits the HLO's local batch, then the wall time, of a sharded update on all devices (of
+  every process); in several processes only process 0 emits."""
   tx = _optimizer(method)
   params = _params(config.blocks, config.dim)
-  mesh = jax.make_mesh((num_devices,), (AXIS,), axis_types=(AxisType.Explicit,))
+  mesh = jax.make_mesh((jax.device_count(),), (AXIS,), axis_types=(AxisType.Explicit,))
   param_shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
   abstract = jax.eval_shape(tx.init, params)
   state_shardings = kps.state_shardings(abstract, mesh, AXIS, params=params)
-  params = jax.device_put(params, param_shardings)
-  grads = jax.device_put(jax.tree.map(lambda p: 0.1 * p, params), param_shardings)
+  # jit with out_shardings makes global arrays in one process or several (each computes the
+  # same values).
+  params = jax.jit(lambda p: p, out_shardings=param_shardings)(params)
+  grads = jax.jit(lambda p: jax.tree.map(lambda x: 0.1 * x, p), out_shardings=param_shardings)(
+    params
+  )
   state = kps.jit_init(tx, param_shardings, state_shardings)(params)
   update = kps.jit_update(tx, param_shardings, state_shardings)
   compiled = update.lower(grads, state, params).compile().as_text()
-  key = {"method": method, "devices": num_devices}
-  _emit({**key, "local_batch": _local_batches(compiled, config.dim)})
-  _emit({**key, "wall_ms": _median_ms(update, grads, state, params, config.steps)})
+  wall = _median_ms(update, grads, state, params, config.steps)
+  if jax.process_index() == 0:
+    _emit({**key, f"{prefix}local_batch": _local_batches(compiled, config.dim)})
+    _emit({**key, f"{prefix}wall_ms": wall})
 
 
 def measure_per_device(method: str, num_devices: int, config: ScalingConfig) -> None:
@@ -153,11 +173,76 @@ def _worker(kind: str, num_devices: int, config: ScalingConfig) -> None:
     raise RuntimeError(f"expected {num_devices} devices, got {jax.device_count()}")
   if kind == "sharded":
     for method in config.methods:
-      measure_sharded(method, num_devices, config)
+      measure_sharded(method, config, {"method": method, "devices": num_devices})
   if num_devices == 1:
     for n in config.devices:
       for method in config.methods:
         measure_per_device(method, n, config)
+
+
+def _process_worker(process_id: int, num_processes: int, port: int, config: ScalingConfig) -> None:
+  """One of ``num_processes`` processes (one CPU device each) timing the sharded update."""
+  jax.distributed.initialize(
+    coordinator_address=f"localhost:{port}", num_processes=num_processes, process_id=process_id
+  )
+  if jax.device_count() != num_processes:
+    raise RuntimeError(f"expected {num_processes} devices, got {jax.device_count()}")
+  for method in config.methods:
+    measure_sharded(method, config, {"method": method, "devices": num_processes}, "proc_")
+  jax.distributed.shutdown()
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return int(s.getsockname()[1])
+
+
+def _run_processes(
+  num_processes: int, config: ScalingConfig, errors: dict[str, str]
+) -> list[dict[str, Any]]:
+  """Launches ``num_processes`` pinned processes; returns process 0's rows."""
+  cores = sorted(os.sched_getaffinity(0))
+  env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+  env["XLA_FLAGS"] = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+  port = _free_port()
+  workers = []
+  for i in range(num_processes):
+    command = [
+      sys.executable, os.path.abspath(__file__), "--worker=process", f"--process_id={i}",
+      f"--num_devices={num_processes}", f"--port={port}", f"--blocks={config.blocks}",
+      f"--dim={config.dim}", f"--steps={config.steps}", f"--methods={','.join(config.methods)}",
+    ]  # fmt: skip
+    core = cores[i % len(cores)]
+    workers.append(
+      subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=functools.partial(os.sched_setaffinity, 0, {core}),
+      )  # fmt: skip
+    )
+  outputs, outcome = [], "ok"
+  try:
+    for worker in workers:
+      outputs.append(worker.communicate(timeout=config.timeout * len(config.methods)))
+      if worker.returncode != 0:
+        outcome = "aborted"
+  except subprocess.TimeoutExpired:
+    outcome = "hung"
+    for worker in workers:
+      worker.kill()
+    outputs = [worker.communicate() for worker in workers]
+  lines = [line for line in outputs[0][0].splitlines() if line.startswith(RESULT_PREFIX)]
+  rows = [json.loads(line[len(RESULT_PREFIX) :]) for line in lines]
+  if outcome != "ok":
+    errors[f"processes/{num_processes}"] = outcome + ": " + outputs[0][1][-2000:]
+    for method in config.methods:
+      if not any(r["method"] == method and "proc_wall_ms" in r for r in rows):
+        rows.append({"method": method, "devices": num_processes, "proc_status": outcome})
+  return rows
 
 
 def _run_worker(
@@ -222,14 +307,17 @@ def _merge(parts: Sequence[dict[str, Any]], config: ScalingConfig) -> list[dict[
   rows = {
     (m, n): {"method": m, "devices": n, "blocks_per_device": config.blocks // n,
              "local_batch": None, "wall_ms": None, "per_device_ms": None,
-             "wall_status": "not run"}
-    for m in config.methods for n in config.devices
+             "wall_status": "not run", "proc_local_batch": None, "proc_wall_ms": None,
+             "proc_status": "not run"}
+    for m in config.methods for n in sorted({*config.devices, *config.processes})
   }  # fmt: skip
   for part in parts:
     rows[part["method"], part["devices"]].update(part)
   for row in rows.values():
     if row["wall_ms"] is not None:
       row["wall_status"] = "ok"
+    if row["proc_wall_ms"] is not None:
+      row["proc_status"] = "ok"
   return list(rows.values())
 
 
@@ -249,10 +337,34 @@ def _markdown(rows: Sequence[dict[str, Any]], config: ScalingConfig) -> str:
   ]
   for r in rows:
     batch = "-" if r["local_batch"] is None else ",".join(str(b) for b in r["local_batch"])
-    lines.append(
-      f"| {r['method']} | {r['devices']} | {r['blocks_per_device']} | {batch} | "
-      f"{_cell(r['wall_ms'], r['wall_status'])} | {_cell(r['per_device_ms'])} |"
-    )
+    if r["devices"] in config.devices:
+      lines.append(
+        f"| {r['method']} | {r['devices']} | {r['blocks_per_device']} | {batch} | "
+        f"{_cell(r['wall_ms'], r['wall_status'])} | {_cell(r['per_device_ms'])} |"
+      )
+  measured = [r for r in rows if r["devices"] in config.processes]
+  if measured:
+    lines += [
+      "",
+      "Processes joined by `jax.distributed.initialize` on localhost, one CPU device and one "
+      "pinned core each (the sharded wall time on separate executors):",
+      "",
+      "| method | processes | blocks/process | local batch (HLO) | wall ms | speed-up |",
+      "| --- | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for r in measured:
+      batch = "-" if r["proc_local_batch"] is None else ",".join(map(str, r["proc_local_batch"]))
+      one = next(
+        (o["proc_wall_ms"] for o in measured if o["method"] == r["method"] and o["devices"] == 1),
+        None,
+      )
+      speedup = (
+        "-" if one is None or r["proc_wall_ms"] is None else f"{one / r['proc_wall_ms']:.2f}"
+      )
+      lines.append(
+        f"| {r['method']} | {r['devices']} | {config.blocks // r['devices']} | {batch} | "
+        f"{_cell(r['proc_wall_ms'], r['proc_status'])} | {speedup} |"
+      )
   return "\n".join(lines) + "\n"
 
 
@@ -265,13 +377,15 @@ def _plot(rows: Sequence[dict[str, Any]], config: ScalingConfig, path: str) -> N
     for key, style, label in (
       ("wall_ms", "o-", "wall, shared cores"),
       ("per_device_ms", "s--", "per device"),
+      ("proc_wall_ms", "^-", "wall, processes of one core"),
     ):
       points = [(r["devices"], r[key]) for r in mine if r[key] is not None]
       if points:
         axes.plot(*zip(*points, strict=True), style, label=f"{method}: {label}")
   axes.set_xscale("log", base=2)
   axes.set_yscale("log")
-  axes.set_xticks(list(config.devices), [str(d) for d in config.devices])
+  ticks = sorted({*config.devices, *config.processes})
+  axes.set_xticks(ticks, [str(d) for d in ticks])
   axes.set_xlabel("devices")
   axes.set_ylabel("refresh step (ms)")
   axes.set_title(f"{config.blocks} blocks of {config.dim}x{config.dim}, {os.cpu_count()} CPU cores")
@@ -282,13 +396,20 @@ def _plot(rows: Sequence[dict[str, Any]], config: ScalingConfig, path: str) -> N
 
 def run_experiment(config: ScalingConfig) -> list[dict[str, Any]]:
   """Runs the workers, writes JSON, markdown and PNG to ``config.out_dir``; returns the rows."""
-  for n in config.devices:
+  for n in (*config.devices, *config.processes):
     if config.blocks % n:
       raise ValueError(f"--blocks={config.blocks} must divide by every device count, got {n}.")
+  cores = len(os.sched_getaffinity(0))
+  skipped = [n for n in config.processes if n > cores]
+  if skipped:
+    print(f"warning: skipping --processes {skipped}: more than the {cores} cores", file=sys.stderr)
+    config = dataclasses.replace(config, processes=tuple(n for n in config.processes if n <= cores))
   parts: list[dict[str, Any]] = []
   errors: dict[str, str] = {}
   for n in tqdm(config.devices, desc="device counts", disable=not config.progress):
     parts.extend(_run_sharded(n, config, errors))
+  for n in tqdm(config.processes, desc="process counts", disable=not config.progress):
+    parts.extend(_run_processes(n, config, errors))
   if 1 not in config.devices:
     budget = config.timeout * len(config.methods) * len(config.devices)
     found, outcome, stderr = _run_worker("per_device", 1, config.methods, config, budget)
@@ -318,8 +439,15 @@ flags.DEFINE_float("timeout", 90.0, "Seconds per method before a worker counts a
 flags.DEFINE_string("out_dir", "outputs/benchmarks", "Output directory.")
 flags.DEFINE_bool("smoke", False, "Tiny setting (8 blocks of 32x32, 3 steps), under 30 s.")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
-flags.DEFINE_enum("worker", None, ["sharded", "per_device"], "Internal: run one measurement.")
+flags.DEFINE_list(
+  "processes", ["1", "2"], "Process counts (one device and one core each); empty to skip."
+)
+flags.DEFINE_enum(
+  "worker", None, ["sharded", "per_device", "process"], "Internal: run one measurement."
+)
 flags.DEFINE_integer("num_devices", 1, "Internal: the device count of a --worker run.")
+flags.DEFINE_integer("process_id", 0, "Internal: this process's index in a --worker=process run.")
+flags.DEFINE_integer("port", 0, "Internal: the coordinator's port in a --worker=process run.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -331,9 +459,13 @@ def main(argv: Sequence[str]) -> None:
   config = ScalingConfig(
     devices=tuple(int(d) for d in f.devices), blocks=f.blocks, dim=f.dim, steps=f.steps,
     methods=tuple(f.methods), timeout=f.timeout, out_dir=f.out_dir, progress=f.progress,
+    processes=tuple(int(n) for n in f.processes),
   )  # fmt: skip
   if f.smoke:
     config = dataclasses.replace(config, **SMOKE)
+  if f.worker == "process":
+    _process_worker(f.process_id, f.num_devices, f.port, config)
+    return
   if f.worker:
     _worker(f.worker, f.num_devices, config)
     return

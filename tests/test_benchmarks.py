@@ -100,6 +100,23 @@ def test_memory_smoke(tmp_path):
         assert 0 <= r["measured_bytes"] - r["analytic_bytes"] <= 64, (setting["name"], method)
 
 
+def test_scaling_smoke(tmp_path):
+  """Fake devices 1-8, and 1 and 2 processes joined by ``jax.distributed`` (one core each)."""
+  report = _run("scaling", str(tmp_path))
+  blocks = report["config"]["blocks"]
+  rows = {(r["method"], r["devices"]): r for r in report["rows"]}
+  assert not report["errors"], report["errors"]
+  for method in ("eigh", "qr"):
+    for n in (1, 2, 4, 8):
+      row = rows[method, n]
+      assert row["wall_status"] == "ok" and _finite(row["wall_ms"], row["per_device_ms"]), row
+      assert row["local_batch"] == [blocks // n], row  # each device decomposes its share
+    for n in [n for n in (1, 2) if n <= len(os.sched_getaffinity(0))]:  # a core per process
+      row = rows[method, n]
+      assert row["proc_status"] == "ok" and _finite(row["proc_wall_ms"]), row
+      assert row["proc_local_batch"] == [blocks // n], row
+
+
 @pytest.mark.slow
 def test_peers_smoke(tmp_path):
   """Creates (or reuses) the peers' venv from PyPI; minutes on a cold machine.
