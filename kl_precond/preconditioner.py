@@ -25,11 +25,21 @@ Refreshes happen at steps ``t`` with ``t % every == 0 and t > start`` or ``t == 
 A bucket's state may be sharded on its leading (block) axis (:mod:`kl_precond.sharding`); the
 ``vmap``ed refresh is then split across the devices. On a mesh with Explicit axes the update
 runs under ``jax.sharding.auto_axes`` and returns updates and state with their input shardings.
+There the shardings it was called with are read before the switch (:class:`Placement`) and, when
+the gradients are replicated, pin the stacks of blocks: each device slices its blocks of the
+gradient locally and the update is assembled by one all-gather per bucket. Left to XLA's
+propagation, the stacking became one all-to-all per tensor and the assembly a sum of
+zero-padded blocks (an all-reduce); in two processes joined by ``jax.distributed`` (gloo, one
+core each) a refresh step of 16 blocks of 256² took 164 ms that way and 64 ms pinned.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import math
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -257,6 +267,86 @@ def _within_range(
   return jnp.all(jnp.asarray(flags or [True]))
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """What the chassis knows of the shardings it was called with, on an Explicit mesh.
+
+  Attributes:
+    mesh: the mesh, with every axis switched to Auto (as inside ``auto_axes``).
+    axis: the mesh axis (or axes) the buckets' leading axis is sharded on; ``None`` if no
+      bucket is sharded.
+    replicated: every incoming gradient leaf is replicated.
+  """
+
+  mesh: Any
+  axis: Any
+  replicated: bool
+
+  def blocks(self, stack: jax.Array) -> jax.sharding.NamedSharding | None:
+    """The sharding of a stack's blocks, as :func:`kl_precond.sharding.state_specs` gives the
+    state: split over ``axis`` when the number of blocks divides by its size; else ``None``."""
+    if self.axis is None:
+      return None
+    names = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+    if stack.shape[0] % math.prod(self.mesh.shape[name] for name in names):
+      return None
+    return jax.sharding.NamedSharding(self.mesh, P(self.axis, *([None] * (stack.ndim - 1))))
+
+  def replicated_sharding(self) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(self.mesh, P())
+
+
+_PLACEMENT: contextvars.ContextVar[Placement | None] = contextvars.ContextVar(
+  "kl_precond_placement", default=None
+)
+
+
+@contextlib.contextmanager
+def _placed(placement: Placement) -> Iterator[None]:
+  token = _PLACEMENT.set(placement)
+  try:
+    yield
+  finally:
+    _PLACEMENT.reset(token)
+
+
+def _block_axis(state: Any) -> Any:
+  """The mesh axis of the first bucket leaf whose leading axis is sharded, or ``None``."""
+  nodes = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, PreconditionerState))
+  for node in nodes:
+    if isinstance(node, PreconditionerState):
+      for leaf in jax.tree.leaves(node.buckets):
+        spec = jax.typeof(leaf).sharding.spec
+        if len(spec) and spec[0] is not None:
+          return spec[0]
+  return None
+
+
+def _pin_gradients(grads: tuple[jax.Array, ...], placement: Placement | None) -> Any:
+  """Replicated gradients: each device takes its blocks of the stack locally."""
+  if placement is None or not placement.replicated:
+    return grads
+  pinned = []
+  for stack in grads:
+    blocks = placement.blocks(stack)
+    if blocks is not None:
+      stack = jax.lax.with_sharding_constraint(stack, placement.replicated_sharding())
+      stack = jax.lax.with_sharding_constraint(stack, blocks)
+    pinned.append(stack)
+  return tuple(pinned)
+
+
+def _pin_directions(directions: tuple[jax.Array, ...], placement: Placement | None) -> Any:
+  """Replicated gradients: the update is assembled by one all-gather per sharded bucket."""
+  if placement is None or not placement.replicated:
+    return directions
+  return tuple(
+    d if placement.blocks(d) is None
+    else jax.lax.with_sharding_constraint(d, placement.replicated_sharding())
+    for d in directions
+  )  # fmt: skip
+
+
 def _explicit_mesh(tree: Any) -> Any:
   """The context mesh, or else the mesh ``tree`` is typed on, if it has Explicit axes; or None."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -273,7 +363,10 @@ def on_auto_axes(update_fn: Any) -> Any:
   QR would each need a sharding annotation. Under ``jax.sharding.auto_axes`` XLA propagates the
   state's block sharding instead, so a bucket sharded on its leading axis is still refreshed
   block-parallel. The outputs get back the sharding types of the incoming updates and state.
-  Without a mesh, or on Auto axes only, ``update_fn`` is called as it is.
+  Without a mesh, or on Auto axes only, ``update_fn`` is called as it is. The shardings read
+  here are handed to the chassis as a :class:`Placement` (a context variable, so that it also
+  reaches a chassis inside a chain wrapped as a whole, as :func:`kl_precond.sharding.jit_update`
+  does).
   """
 
   def wrapped(updates: Any, state: Any, params: Any = None) -> Any:
@@ -286,7 +379,13 @@ def on_auto_axes(update_fn: Any) -> Any:
       return jax.sharding.NamedSharding(mesh, sharding.spec if sharding.mesh == mesh else P())
 
     types = jax.tree.map(sharding_type, (updates, state))
-    return jax.sharding.auto_axes(update_fn, out_sharding=types)(updates, state, params)
+    placement = Placement(
+      mesh.update_axis_types({name: jax.sharding.AxisType.Auto for name in mesh.axis_names}),
+      _block_axis(state),
+      all(all(entry is None for entry in t.spec) for t in jax.tree.leaves(types[0])),
+    )
+    with _placed(placement):
+      return jax.sharding.auto_axes(update_fn, out_sharding=types)(updates, state, params)
 
   return wrapped
 
@@ -399,7 +498,8 @@ def scale_by_preconditioner(
   ) -> tuple[Any, PreconditionerState]:
     del params
     tree = layout_lib.tree_layout(updates, config)
-    grads = layout_lib.gather(updates, tree)
+    placement = _PLACEMENT.get()
+    grads = _pin_gradients(layout_lib.gather(updates, tree), placement)
     # ``t``: the step counter of the stages (bias corrections, refresh schedule).
     step = state.count if first_call == "init_only" else state.count + 1
 
@@ -459,7 +559,7 @@ def scale_by_preconditioner(
     else:
       new = accept(state)
     directions, state = new
-    updates = layout_lib.scatter(directions, tree)
+    updates = layout_lib.scatter(_pin_directions(directions, placement), tree)
     if normalize_grads:
       updates = jax.tree.map(lambda u: u / (1e-30 + jnp.sqrt(jnp.mean(u**2))), updates)
     return updates, state

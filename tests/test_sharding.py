@@ -183,6 +183,34 @@ def _assert_compiled_step(update: Any, grads: Any, state: Any, params: Any) -> N
   assert decompositions and set(decompositions) == {"1"}, decompositions
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_replicated_gradients_are_split_locally_and_the_update_all_gathered(name: str) -> None:
+  """On an Explicit mesh with replicated parameters the chassis pins its stacks
+  (``preconditioner.Placement``): each device slices its blocks of the gradient (no
+  all-to-all, no collective-permute) and each sharded bucket's update comes back by one
+  all-gather, not as a sum of zero-padded blocks (an all-reduce of blocks): only scalars and
+  vectors (the step's flags and norms) are all-reduced."""
+  tx = _optimizer(name)
+  mesh = _mesh(AxisType.Explicit)
+  params, param_shardings, state, state_shardings = _sharded_setup(tx, mesh, False, _params())
+  update = kps.jit_update(tx, param_shardings, state_shardings)
+  grads = jax.device_put(_grads(params, 0), param_shardings)
+  compiled = update.lower(grads, state, params).compile().as_text()
+  collectives = re.findall(
+    r"= (.*?) (all-to-all|collective-permute|all-reduce|all-gather|reduce-scatter)(?:-start)?\(",
+    compiled,
+  )
+  kinds = [kind for _, kind in collectives]
+  assert "all-to-all" not in kinds and "collective-permute" not in kinds, kinds
+  assert "all-gather" in kinds, kinds
+  reduced = [shape for shape, kind in collectives if kind == "all-reduce"]
+  ranks = [dims.count(",") + 1 for shape in reduced for dims in re.findall(r"\[([0-9,]+)\]", shape)]
+  assert reduced and max(ranks, default=0) <= 1, reduced  # no blocks (rank >= 2)
+  history, _ = _run(update, params, state, put=lambda g: jax.device_put(g, param_shardings))
+  for actual, expected in zip(history, _reference(name)[0], strict=True):
+    _assert_close(actual, expected)
+
+
 def _assert_same_sharding(expected: Any, actual: Any) -> None:
   assert actual == expected, (actual, expected)
 
