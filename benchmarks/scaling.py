@@ -125,7 +125,9 @@ def _median_ms(update: Any, grads: Any, state: Any, params: Any, steps: int) -> 
 
 
 def _local_batches(compiled_text: str, dim: int) -> list[int]:
-  pattern = rf"f32\[(\d+),{dim},{dim}\][^\n]*custom_call_target=\"lapack_s(?:syevd|geqrf)"
+  # From 512 on, the basis stage pads a factor on CPU by 8 rows (QR) or rows and columns (eigh).
+  sides = f"(?:{dim}|{dim + 8})"
+  pattern = rf"f32\[(\d+),{sides},{sides}\][^\n]*custom_call_target=\"lapack_s(?:syevd|geqrf)"
   return sorted({int(b) for b in re.findall(pattern, compiled_text)})
 
 

@@ -1,11 +1,11 @@
 """One process of the multi-process test (``tests/test_multiprocess.py``); not a test module.
 
 Run as ``python -m tests.multiprocess_worker PROCESS_ID NUM_PROCESSES PORT OUTPUT STEPS`` with
-``--xla_force_host_platform_device_count`` set to the number of local devices. Every process
-calls ``jax.distributed.initialize`` (coordinator on ``localhost:PORT``; CPU collectives by
-gloo, jax's default), builds one global mesh over the devices of all processes and runs, for
-every optimizer of ``tests/test_sharding.py``, the same problem as that module with
-FSDP-sharded parameters and the sharded state of :mod:`kl_precond.sharding`, exactly as its
+``--xla_force_host_platform_device_count`` set to the number of local devices. Every process calls
+``jax.distributed.initialize`` (coordinator on ``localhost:PORT``; CPU collectives by gloo, jax's
+default), builds one global mesh over the devices of all processes and runs, for every optimizer of
+``tests/test_sharding.py``, the same problem as that module with FSDP-sharded or replicated
+parameters (alternating) and the sharded state of :mod:`kl_precond.sharding`, exactly as its
 docstring tells multi-host users to. Process 0 writes ``OUTPUT`` (``.npz``): the updates of every
 step, gathered from all processes, and what each process saw of the state's sharding.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import jax
 
 
-def _run(name: str, mesh: Any, steps: int) -> dict[str, Any]:
+def _run(name: str, mesh: Any, steps: int, fsdp: bool) -> dict[str, Any]:
   import numpy as np
   import optax
   from jax.experimental import multihost_utils
@@ -28,7 +28,10 @@ def _run(name: str, mesh: Any, steps: int) -> dict[str, Any]:
 
   tx = problem._optimizer(name)
   params = problem._params()
-  param_shardings = kps.fsdp_shardings(params, mesh, problem.AXIS, min_size=0)
+  if fsdp:
+    param_shardings = kps.fsdp_shardings(params, mesh, problem.AXIS, min_size=0)
+  else:
+    param_shardings = jax.tree.map(lambda _: jax.NamedSharding(mesh, jax.P()), params)
   abstract = jax.eval_shape(tx.init, params)
   state_shardings = kps.state_shardings(
     abstract, mesh, problem.AXIS, params=params, param_specs=param_shardings
@@ -79,8 +82,8 @@ def main(argv: list[str]) -> None:
     "device_count": np.asarray(jax.device_count()),
     "local_device_count": np.asarray(jax.local_device_count()),
   }
-  for name in problem.OPTIMIZERS:
-    result.update(_run(name, mesh, int(steps)))
+  for i, name in enumerate(problem.OPTIMIZERS):  # FSDP and replicated parameters, alternating
+    result.update(_run(name, mesh, int(steps), fsdp=i % 2 == 0))
   if jax.process_index() == 0:
     np.savez(output, **result)
   jax.distributed.shutdown()

@@ -2,11 +2,12 @@
 
 Two worker processes (``tests/multiprocess_worker.py``), each with 2 CPU devices, form one global
 4-device mesh (CPU collectives by gloo over localhost) and run every optimizer on the problem of
-``tests/test_sharding.py``: FSDP-sharded parameters, the optimizer state sharded by
-:mod:`kl_precond.sharding`, 7 steps with a refresh every 3. The updates, gathered from both
-processes, must equal this process's single-device run to 1e-6; the state must keep its declared
-shardings; and the bucket of 8 blocks must be split, 2 blocks per device, across the processes.
-This is the multi-host recipe of the :mod:`kl_precond.sharding` docstring, run as written.
+``tests/test_sharding.py``: FSDP-sharded or replicated parameters (alternating between the
+optimizers), the optimizer state sharded by :mod:`kl_precond.sharding`, 7 steps with a refresh every
+3. The updates, gathered from both processes, must equal this process's single-device run to 1e-6;
+the state must keep its declared shardings; and the bucket of 8 blocks must be split, 2 blocks per
+device, across the processes. This is the multi-host recipe of the :mod:`kl_precond.sharding`
+docstring, run as written.
 """
 
 from __future__ import annotations
