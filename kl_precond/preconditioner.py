@@ -23,14 +23,15 @@ Refreshes happen at steps ``t`` with ``t % every == 0 and t > start`` or ``t == 
 ``every`` and ``start`` belong to the basis stage (``start = 0`` by default).
 
 A bucket's state may be sharded on its leading (block) axis (:mod:`kl_precond.sharding`); the
-``vmap``ed refresh is then split across the devices. On a mesh with Explicit axes the update
-runs under ``jax.sharding.auto_axes`` and returns updates and state with their input shardings.
-There the shardings it was called with are read before the switch (:class:`Placement`) and, when
-the gradients are replicated, pin the stacks of blocks: each device slices its blocks of the
-gradient locally and the update is assembled by one all-gather per bucket. Left to XLA's
-propagation, the stacking became one all-to-all per tensor and the assembly a sum of
-zero-padded blocks (an all-reduce); in two processes joined by ``jax.distributed`` (gloo, one
-core each) a refresh step of 16 blocks of 256² took 164 ms that way and 64 ms pinned.
+``vmap``ed refresh is then split across the devices. On a mesh with Explicit axes the update runs
+under ``jax.sharding.auto_axes`` and returns updates and state with their input shardings. There the
+shardings it was called with are read before the switch (:class:`Placement`; on any mesh,
+:func:`kl_precond.sharding.jit_update` sets them) and, when the gradients are replicated, pin the
+stacks of blocks: each device slices its blocks of the gradient locally and the update is assembled
+by one all-gather per bucket. Left to XLA's propagation, the stacking became one all-to-all per
+tensor and the assembly a sum of zero-padded blocks (an all-reduce); in two processes joined by
+``jax.distributed`` (gloo, one core each) a refresh step of 16 blocks of 256² took 164 ms that way
+and 64 ms pinned.
 """
 
 from __future__ import annotations
@@ -301,25 +302,49 @@ _PLACEMENT: contextvars.ContextVar[Placement | None] = contextvars.ContextVar(
 )
 
 
+def block_axis(specs: Any) -> Any:
+  """The mesh axis of the first bucket whose leading axis is sharded, or ``None``.
+
+  Args:
+    specs: an optimizer state, or a tree of its ``PartitionSpec``s (or ``NamedSharding``s).
+  """
+  nodes = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, (PreconditionerState, P)))
+  for node in nodes:
+    if isinstance(node, PreconditionerState):
+      for leaf in jax.tree.leaves(node.buckets, is_leaf=lambda x: isinstance(x, P)):
+        spec = _spec(leaf)
+        if len(spec) and spec[0] is not None:
+          return spec[0]
+  return None
+
+
+def _spec(x: Any) -> P:
+  """The ``PartitionSpec`` of a spec, a ``NamedSharding`` or an array (its type's)."""
+  if isinstance(x, P):
+    return x
+  if isinstance(x, jax.sharding.NamedSharding):
+    return x.spec
+  return jax.typeof(x).sharding.spec
+
+
+def all_auto(mesh: Any) -> Any:
+  """``mesh`` with every axis Auto (what ``with_sharding_constraint`` takes inside
+  ``auto_axes``)."""
+  return mesh.update_axis_types({name: jax.sharding.AxisType.Auto for name in mesh.axis_names})
+
+
+def is_replicated(spec: P) -> bool:
+  return all(entry is None for entry in spec)
+
+
 @contextlib.contextmanager
-def _placed(placement: Placement) -> Iterator[None]:
+def placed(placement: Placement | None) -> Iterator[None]:
+  """Within this context (while tracing), the chassis places its stacks by ``placement``."""
   token = _PLACEMENT.set(placement)
   try:
     yield
   finally:
     _PLACEMENT.reset(token)
-
-
-def _block_axis(state: Any) -> Any:
-  """The mesh axis of the first bucket leaf whose leading axis is sharded, or ``None``."""
-  nodes = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, PreconditionerState))
-  for node in nodes:
-    if isinstance(node, PreconditionerState):
-      for leaf in jax.tree.leaves(node.buckets):
-        spec = jax.typeof(leaf).sharding.spec
-        if len(spec) and spec[0] is not None:
-          return spec[0]
-  return None
 
 
 def _pin_gradients(grads: tuple[jax.Array, ...], placement: Placement | None) -> Any:
@@ -380,11 +405,11 @@ def on_auto_axes(update_fn: Any) -> Any:
 
     types = jax.tree.map(sharding_type, (updates, state))
     placement = Placement(
-      mesh.update_axis_types({name: jax.sharding.AxisType.Auto for name in mesh.axis_names}),
-      _block_axis(state),
-      all(all(entry is None for entry in t.spec) for t in jax.tree.leaves(types[0])),
+      all_auto(mesh),
+      block_axis(state),
+      all(is_replicated(t.spec) for t in jax.tree.leaves(types[0])),
     )
-    with _placed(placement):
+    with placed(placement):
       return jax.sharding.auto_axes(update_fn, out_sharding=types)(updates, state, params)
 
   return wrapped

@@ -28,7 +28,10 @@ partitions the batched decompositions, and no block needs data from another devi
   The outputs keep the sharding types of the inputs. Use it for other ``optax`` transforms that
   fail on Explicit meshes.
 * :func:`jit_init` and :func:`jit_update`: ``jax.jit`` of ``init`` and ``update`` with these
-  shardings in and out (``update`` wrapped by :func:`with_auto_axes`).
+  shardings in and out (``update`` wrapped by :func:`with_auto_axes` and traced under
+  :func:`placed`).
+* :func:`placement_of` and :func:`placed`: the placement of the chassis' stacks of blocks, for
+  steps of one's own on Auto meshes (below).
 
 Example (single host)::
 
@@ -45,14 +48,16 @@ Example (single host)::
 Inside a training step of one's own, under ``jax.jit`` with these ``in_shardings`` and
 ``out_shardings``, call ``tx.update`` as usual, on either kind of mesh.
 
-**Explicit meshes move less data.** On a mesh with Explicit axes (``jax.make_mesh``'s default)
-the chassis reads the shardings it is called with; when the gradients are replicated it has each
-device slice its own blocks of the gradient (no communication) and gathers each sharded bucket's
-update with one all-gather (:class:`kl_precond.preconditioner.Placement`). On an Auto mesh the
-placement is left to XLA, which moves blocks between devices by collective-permutes or
-all-to-alls and may assemble the update as an all-reduce of zero-padded blocks (in two processes
-of one core each, a refresh step of 16 blocks of 256² took 164 ms that way against 64 ms pinned;
-``tests/test_sharding.py`` checks the collectives of the Explicit case).
+**Placement of the stacks.** When the gradients are replicated the chassis has each device slice
+its own blocks of the gradient (no communication) and gathers each sharded bucket's update with
+one all-gather (:class:`kl_precond.preconditioner.Placement`). It learns the shardings from the
+types it is called with on a mesh with Explicit axes (``jax.make_mesh``'s default), and from
+:func:`jit_update` on either kind; a step of one's own on an Auto mesh traces ``tx.update``
+inside ``with placed(placement_of(param_shardings, state_shardings)):``. Left to XLA, blocks
+moved between devices by collective-permutes or all-to-alls and the update was assembled as an
+all-reduce of zero-padded blocks (in two processes of one core each, a refresh step of 16 blocks
+of 256² took 164 ms that way against 64 ms placed; ``tests/test_sharding.py`` checks the
+collectives).
 
 **Bucket sizes.** Only a bucket whose size divides by the mesh axis size can be sharded: on 8
 devices, 3 matrices of one shape stay replicated (``jax`` rejects uneven shardings of stored
@@ -244,6 +249,40 @@ def with_auto_axes(tx: optax.GradientTransformation) -> optax.GradientTransforma
   return optax.GradientTransformation(tx.init, preconditioner.on_auto_axes(tx.update))
 
 
+def placement_of(param_shardings: Any, state_shardings: Any) -> preconditioner.Placement | None:
+  """The chassis' :class:`~kl_precond.preconditioner.Placement` for these shardings.
+
+  On an Explicit mesh the chassis reads it from the types it is called with; on an Auto mesh
+  they carry no sharding, so a step of one's own that wants the same placement traces
+  ``tx.update`` inside ``with kp.sharding.placed(kp.sharding.placement_of(...)):``
+  (:func:`jit_update` does).
+
+  Args:
+    param_shardings: ``NamedSharding``s of the parameters (and gradients).
+    state_shardings: ``NamedSharding``s of the state, e.g. from :func:`state_shardings`.
+
+  Returns:
+    The placement, or ``None`` when no leaf is a ``NamedSharding``.
+  """
+  named = [
+    s for s in jax.tree.leaves((param_shardings, state_shardings)) if isinstance(s, NamedSharding)
+  ]
+  if not named:
+    return None
+  params = jax.tree.leaves(param_shardings)
+  replicated = all(
+    isinstance(s, NamedSharding) and preconditioner.is_replicated(s.spec) for s in params
+  )
+  return preconditioner.Placement(
+    preconditioner.all_auto(named[0].mesh.abstract_mesh),
+    preconditioner.block_axis(state_shardings),
+    replicated,
+  )
+
+
+placed = preconditioner.placed
+
+
 def jit_init(
   tx: optax.GradientTransformation, param_shardings: Any, state_shardings: Any
 ) -> Callable[[Any], Any]:
@@ -261,7 +300,10 @@ def jit_update(
   """``jax.jit`` of ``update(grads, state, params)`` with the given shardings in and out.
 
   Gradients and updates are sharded like the parameters. The update runs under
-  :func:`with_auto_axes`, so the same call works on Explicit and Auto meshes.
+  :func:`with_auto_axes`, so the same call works on Explicit and Auto meshes, and under
+  :func:`placed`, so that on either kind the chassis places its stacks of blocks by these
+  shardings (replicated parameters: each device slices its blocks locally, one all-gather per
+  sharded bucket).
 
   Args:
     tx: the gradient transformation.
@@ -272,8 +314,15 @@ def jit_update(
   Returns:
     The jitted ``update(grads, state, params) -> (updates, state)`` (``params`` is required).
   """
+  update = with_auto_axes(tx).update
+  placement = placement_of(param_shardings, state_shardings)
+
+  def placed_update(updates: Any, state: Any, params: Any) -> Any:
+    with preconditioner.placed(placement):
+      return update(updates, state, params)
+
   return jax.jit(
-    with_auto_axes(tx).update,
+    placed_update,
     in_shardings=(param_shardings, state_shardings, param_shardings),
     out_shardings=(param_shardings, state_shardings),
     donate_argnums=(1,) if donate_state else (),

@@ -183,23 +183,29 @@ def _assert_compiled_step(update: Any, grads: Any, state: Any, params: Any) -> N
   assert decompositions and set(decompositions) == {"1"}, decompositions
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_replicated_gradients_are_split_locally_and_the_update_all_gathered(name: str) -> None:
-  """On an Explicit mesh with replicated parameters the chassis pins its stacks
-  (``preconditioner.Placement``): each device slices its blocks of the gradient (no
-  all-to-all, no collective-permute) and each sharded bucket's update comes back by one
-  all-gather, not as a sum of zero-padded blocks (an all-reduce of blocks): only scalars and
-  vectors (the step's flags and norms) are all-reduced."""
+def _placement_cases() -> list[Any]:
+  """Every optimizer on an Explicit mesh; on an Auto mesh, alternating."""
+  cases = [pytest.param(name, AxisType.Explicit, id=f"{name}-Explicit") for name in OPTIMIZERS]
+  cases += [pytest.param(name, AxisType.Auto, id=f"{name}-Auto") for name in OPTIMIZERS[::2]]
+  return cases
+
+
+@pytest.mark.parametrize(("name", "axis_type"), _placement_cases())
+def test_replicated_gradients_are_split_locally_and_the_update_all_gathered(
+  name: str, axis_type: AxisType
+) -> None:
+  """With replicated parameters the chassis pins its stacks (``preconditioner.Placement``,
+  read from the types on an Explicit mesh, set by ``jit_update`` on either): each device slices
+  its blocks of the gradient (no all-to-all, no collective-permute) and each sharded bucket's
+  update comes back by one all-gather, not as a sum of zero-padded blocks (an all-reduce of
+  blocks): only scalars and vectors (the step's flags and norms) are all-reduced."""
   tx = _optimizer(name)
-  mesh = _mesh(AxisType.Explicit)
+  mesh = _mesh(axis_type)
   params, param_shardings, state, state_shardings = _sharded_setup(tx, mesh, False, _params())
   update = kps.jit_update(tx, param_shardings, state_shardings)
   grads = jax.device_put(_grads(params, 0), param_shardings)
   compiled = update.lower(grads, state, params).compile().as_text()
-  collectives = re.findall(
-    r"= (.*?) (all-to-all|collective-permute|all-reduce|all-gather|reduce-scatter)(?:-start)?\(",
-    compiled,
-  )
+  collectives = _collectives(compiled)
   kinds = [kind for _, kind in collectives]
   assert "all-to-all" not in kinds and "collective-permute" not in kinds, kinds
   assert "all-gather" in kinds, kinds
@@ -209,6 +215,38 @@ def test_replicated_gradients_are_split_locally_and_the_update_all_gathered(name
   history, _ = _run(update, params, state, put=lambda g: jax.device_put(g, param_shardings))
   for actual, expected in zip(history, _reference(name)[0], strict=True):
     _assert_close(actual, expected)
+
+
+def _collectives(compiled: str) -> list[tuple[str, str]]:
+  """(result type, kind) of every collective of a compiled program."""
+  return re.findall(
+    r"= (.*?) (all-to-all|collective-permute|all-reduce|all-gather|reduce-scatter)(?:-start)?\(",
+    compiled,
+  )
+
+
+def test_own_step_on_an_auto_mesh_places_stacks_under_placed() -> None:
+  """A jitted step of one's own on an Auto mesh: traced under ``placed(placement_of(...))``
+  its collectives are those of ``jit_update`` (without it, XLA's own choice here moved blocks
+  by collective-permutes)."""
+  tx = _optimizer("soap")
+  mesh = _mesh(AxisType.Auto)
+  params, param_shardings, state, state_shardings = _sharded_setup(tx, mesh, False, _params())
+  grads = jax.device_put(_grads(params, 0), param_shardings)
+  placement = kps.placement_of(param_shardings, state_shardings)
+  assert placement is not None and placement.axis == AXIS and placement.replicated
+
+  def step(grads: Any, state: Any, params: Any) -> Any:
+    with kps.placed(placement):
+      return tx.update(grads, state, params)
+
+  jitted = jax.jit(step, out_shardings=(param_shardings, state_shardings))
+  compiled = jitted.lower(grads, state, params).compile().as_text()
+  kinds = [kind for _, kind in _collectives(compiled)]
+  assert "collective-permute" not in kinds and "all-to-all" not in kinds, kinds
+  assert "all-gather" in kinds, kinds
+  updates, _ = jitted(grads, state, params)
+  _assert_close(jax.device_get(updates), _reference("soap")[0][0])
 
 
 def _assert_same_sharding(expected: Any, actual: Any) -> None:
