@@ -270,7 +270,9 @@ def _within_range(
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-  """What the chassis knows of the shardings it was called with, on an Explicit mesh.
+  """What the chassis knows of the shardings it is called with: read from the types on a mesh
+  with Explicit axes (:func:`on_auto_axes`), or given by :func:`placed` (as
+  :func:`kl_precond.sharding.jit_update` does, on any mesh).
 
   Attributes:
     mesh: the mesh, with every axis switched to Auto (as inside ``auto_axes``).
@@ -334,6 +336,7 @@ def all_auto(mesh: Any) -> Any:
 
 
 def is_replicated(spec: P) -> bool:
+  """No axis of ``spec`` is sharded."""
   return all(entry is None for entry in spec)
 
 
