@@ -236,7 +236,8 @@ def _run_processes(
     outcome = "hung"
     for worker in workers:
       worker.kill()
-    outputs = [worker.communicate() for worker in workers]
+    # The workers not yet read (the one that timed out first) are read after the kill.
+    outputs += [worker.communicate() for worker in workers[len(outputs) :]]
   lines = [line for line in outputs[0][0].splitlines() if line.startswith(RESULT_PREFIX)]
   rows = [json.loads(line[len(RESULT_PREFIX) :]) for line in lines]
   if outcome != "ok":

@@ -117,6 +117,25 @@ def test_scaling_smoke(tmp_path):
       assert row["proc_local_batch"] == [blocks // n], row
 
 
+def test_scaling_reports_processes_that_hang():
+  """Workers killed at the timeout are reported as ``hung`` (in a subprocess: the module's absl
+  flags would clash with other benchmarks' in this one)."""
+  code = (
+    "import dataclasses, json\n"
+    "from benchmarks import scaling as sc\n"
+    "config = dataclasses.replace(sc.ScalingConfig(**sc.SMOKE), timeout=0.5, methods=('qr',))\n"
+    "errors = {}\n"
+    "print(json.dumps([sc._run_processes(2, config, errors), sorted(errors)]))\n"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  rows, errors = json.loads(done.stdout.strip().splitlines()[-1])
+  assert rows == [{"method": "qr", "devices": 2, "proc_status": "hung"}]
+  assert errors == ["processes/2"]
+
+
 @pytest.mark.slow
 def test_peers_smoke(tmp_path):
   """Creates (or reuses) the peers' venv from PyPI; minutes on a cold machine.
