@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import math
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -288,12 +287,13 @@ class Placement:
   def blocks(self, stack: jax.Array) -> jax.sharding.NamedSharding | None:
     """The sharding of a stack's blocks, as :func:`kl_precond.sharding.state_specs` gives the
     state: split over ``axis`` when the number of blocks divides by its size; else ``None``."""
+    from kl_precond import sharding  # here: sharding imports this module
+
     if self.axis is None:
       return None
-    names = self.axis if isinstance(self.axis, tuple) else (self.axis,)
-    if stack.shape[0] % math.prod(self.mesh.shape[name] for name in names):
-      return None
-    return jax.sharding.NamedSharding(self.mesh, P(self.axis, *([None] * (stack.ndim - 1))))
+    size = sharding.axis_size(self.mesh, self.axis)
+    spec = sharding.bucket_leaf_spec(stack.shape, size, self.axis)
+    return None if spec == P() else jax.sharding.NamedSharding(self.mesh, spec)
 
   def replicated_sharding(self) -> jax.sharding.NamedSharding:
     return jax.sharding.NamedSharding(self.mesh, P())

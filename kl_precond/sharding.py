@@ -110,12 +110,18 @@ def _split_leading(ndim: int, axis: Axis) -> P:
   return P(axis, *([None] * (ndim - 1)))
 
 
+def bucket_leaf_spec(shape: tuple[int, ...], size: int, axis: Axis) -> P:
+  """A bucket leaf is split on its block (leading) axis where that divides evenly by ``size``,
+  else replicated. The chassis places its stacks of blocks by the same rule
+  (:class:`~kl_precond.preconditioner.Placement`)."""
+  return _split_leading(len(shape), axis) if shape and shape[0] % size == 0 else P()
+
+
 def _bucket_specs(state: PreconditionerState, size: int, axis: Axis) -> PreconditionerState:
   """Splits bucket leaves on their block axis where it divides evenly; counters replicated."""
 
   def spec(leaf: Any) -> P:
-    shape = tuple(leaf.shape)
-    return _split_leading(len(shape), axis) if shape and shape[0] % size == 0 else P()
+    return bucket_leaf_spec(tuple(leaf.shape), size, axis)
 
   replicated: Any = P()
   return PreconditionerState(replicated, replicated, replicated, jax.tree.map(spec, state.buckets))
