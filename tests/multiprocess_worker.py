@@ -27,18 +27,9 @@ def _run(name: str, mesh: Any, steps: int, fsdp: bool) -> dict[str, Any]:
   from tests import test_sharding as problem
 
   tx = problem._optimizer(name)
-  params = problem._params()
-  if fsdp:
-    param_shardings = kps.fsdp_shardings(params, mesh, problem.AXIS, min_size=0)
-  else:
-    param_shardings = jax.tree.map(lambda _: jax.NamedSharding(mesh, jax.P()), params)
-  abstract = jax.eval_shape(tx.init, params)
-  state_shardings = kps.state_shardings(
-    abstract, mesh, problem.AXIS, params=params, param_specs=param_shardings
+  params, param_shardings, state, state_shardings = problem._sharded_setup(
+    tx, mesh, fsdp, problem._params()
   )
-  # Every process computes the same values; jit with out_shardings makes them global arrays.
-  params = jax.jit(lambda p: p, out_shardings=param_shardings)(params)
-  state = kps.jit_init(tx, param_shardings, state_shardings)(params)
   before = jax.tree.map(lambda x: x.sharding, state)
   update = kps.jit_update(tx, param_shardings, state_shardings)
   gradients = jax.jit(problem._grads, static_argnums=1, out_shardings=param_shardings)

@@ -129,7 +129,9 @@ def _sharded_setup(tx: optax.GradientTransformation, mesh: Any, fsdp: bool, para
   state_shardings = kps.state_shardings(
     abstract, mesh, AXIS, params=params, param_specs=param_shardings
   )
-  params = jax.device_put(params, param_shardings)
+  # jit with out_shardings, not device_put: also global arrays when several processes each
+  # compute the same values (tests/multiprocess_worker.py).
+  params = jax.jit(lambda p: p, out_shardings=param_shardings)(params)
   state = kps.jit_init(tx, param_shardings, state_shardings)(params)
   return params, param_shardings, state, state_shardings
 
