@@ -1,7 +1,7 @@
 """kl_precond: structured second-order optimizers for JAX/Optax.
 
 Shampoo (with grafting), AdamW-style Shampoo, SOAP, KL-Shampoo and KL-SOAP as ``optax.GradientTransformation``s, each a short chain
-of public stages: ``layout`` → ``estimator`` (:func:`frobenius`, :func:`kl`) → ``basis``
+of public stages: ``layout`` → ``estimator`` (:func:`frobenius`, :func:`kl`, :func:`kl_roots`) → ``basis``
 (:func:`qr_every`, :func:`eigh_every`) → ``scaling`` (:func:`adam`,
 :func:`kronecker_eigenvalues`), composed by :func:`scale_by_preconditioner`.
 """
@@ -21,7 +21,7 @@ from kl_precond.alias import (
   soap,
 )
 from kl_precond.basis import BasisState, eigh_every, qr_every
-from kl_precond.estimators import FrobeniusState, KLState, frobenius, kl
+from kl_precond.estimators import FrobeniusState, KLState, frobenius, kl, kl_roots
 from kl_precond.grafting import (
   GraftState,
   HoldingTransformation,
@@ -69,6 +69,7 @@ __all__ = [
   "graft",
   "graft_magnitude",
   "kl",
+  "kl_roots",
   "kl_shampoo",
   "kl_soap",
   "kronecker_eigenvalues",

@@ -18,7 +18,20 @@ Two estimators of the gradient covariance ``E[vec(G) vec(G)ᵀ] ≈ F_1 ⊗ ... 
   where ``Q_j`` is factor ``j``'s (stale) eigenbasis and ``s_j = ℓ_j^{-1/2}`` its EMA eigenvalue
   estimates, ``ℓ_i ← β ℓ_i + (1-β) diag(Q_iᵀ Δ_i Q_i)`` with ``Δ_i`` the whitened statistic above.
 
-Both act on one block (the chassis ``vmap``s them). An axis with no factor (``None``) is treated
+* :func:`kl_roots` (Distributed Shampoo's ``RootInvKLShampooPreconditionerConfig``, a simplified
+  KL-Shampoo): Frobenius factors of the gradient whitened by the other factors' current inverse
+  *roots* (those the Shampoo scaling preconditions with), with no ``1/d`` normalisation and no
+  eigenvalue EMA,
+
+  .. math::
+
+    F_i \\leftarrow \\beta F_i + (1-\\beta)\\, \\tilde G_{(i)} \\tilde G_{(i)}^\\top,\\qquad
+    \\tilde G = G \\textstyle\\prod_{j \\ne i} \\times_j Q_j\\,\\mathrm{diag}(\\lambda_j^{-a_j})\\,Q_j^\\top,
+
+  with ``Q_j, λ_j`` the eigenbasis and (ridged, floored) eigenvalues of factor ``j`` from the
+  last refresh (the identity and ones before the first) and ``a_j`` its root's exponent.
+
+All act on one block (the chassis ``vmap``s them). An axis with no factor (``None``) is treated
 as carrying the identity: it is neither rotated nor whitened. All numbers (``beta``,
 ``init_factor``, ``max_clamp_value``, ``damping``) may be traced arrays, so the estimators work
 under ``optax.inject_hyperparams``.
@@ -34,7 +47,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kl_precond import tensor_ops
+from kl_precond import scaling, tensor_ops
 from kl_precond._validation import check_beta, check_nonnegative, check_positive
 
 Factors = tuple[jax.Array | None, ...]
@@ -73,20 +86,26 @@ class Frobenius:
     bases: Scales,
     initial: Any = None,
     hold: Any = None,
+    eigenvalues: Any = None,
   ) -> FrobeniusState:
-    """Folds one gradient block into the factors; ``bases`` is unused.
+    """Folds one gradient block into the factors; ``bases`` and ``eigenvalues`` (the basis
+    stage's) are unused.
 
     ``initial`` (a flag, possibly traced) marks the first call; from the zero initial state the
     update already equals :meth:`first`, so it is unused too. Where the traced flag ``hold`` is
     set the factors come back unchanged, whatever ``grad`` holds.
     """
-    del bases, initial
+    del bases, initial, eigenvalues
+    return self._fold(grad, state, lambda axis: grad, hold)
+
+  def _fold(self, grad: jax.Array, state: FrobeniusState, source: Any, hold: Any) -> FrobeniusState:
+    """``F_i ← β F_i + (1-β) X_(i) X_(i)ᵀ`` with ``X = source(i)``."""
     beta, weight = tensor_ops.held(hold, self.beta, 1 - self.beta)
     factors = tuple(
       None
       if factor is None
       else (
-        beta * factor + weight * tensor_ops.zeroed(tensor_ops.mode_gram(grad, axis), hold)
+        beta * factor + weight * tensor_ops.zeroed(tensor_ops.mode_gram(source(axis), axis), hold)
       ).astype(factor.dtype)
       for axis, factor in enumerate(state.factors)
     )
@@ -95,9 +114,9 @@ class Frobenius:
   # Its eigenvalue estimates are those an eigh refresh keeps (see ``eigenvalues``).
   eigenvalues_fixed_between_refreshes = True
 
-  def gain(self, state: FrobeniusState) -> jax.Array:
+  def gain(self, state: FrobeniusState, basis_state: Any = None) -> jax.Array:
     """Bound on ``|entry| / ‖G‖²`` of the statistics an update writes: ``|(GGᵀ)_ij| ≤ ‖G‖²``."""
-    del state
+    del state, basis_state
     return jnp.ones(())
 
   def factors(self, state: FrobeniusState, step: jax.Array) -> Factors:
@@ -128,6 +147,115 @@ def frobenius(beta: Any, *, bias_correction: bool = False, dtype: Any = None) ->
   """
   check_beta("beta", beta)
   return Frobenius(beta, bias_correction, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class KLRoots(Frobenius):
+  """Factors of the gradient whitened by the other factors' inverse roots; see :func:`kl_roots`."""
+
+  exponents: Any = None
+
+  def _scales(self, eigenvalues: Any, order: int) -> list[jax.Array | None]:
+    """``λ_j^(-a_j)`` per axis (``None`` where there is no factor or no eigenvalue)."""
+    scales: list[jax.Array | None] = []
+    for axis, values in enumerate(eigenvalues):
+      if values is None:
+        scales.append(None)
+        continue
+      exponent = scaling.resolve_exponent(self.exponents, axis, order)
+      safe = jnp.where(values > 0, values, 1)
+      scales.append(jnp.where(values > 0, safe ** -jnp.asarray(exponent, safe.dtype), 0))
+    return scales
+
+  def update(
+    self,
+    grad: jax.Array,
+    state: FrobeniusState,
+    bases: Scales,
+    initial: Any = None,
+    hold: Any = None,
+    eigenvalues: Any = None,
+  ) -> FrobeniusState:
+    """Folds one gradient block, whitened on every other factored axis ``j`` by the inverse root
+    ``Q_j diag(λ_j^(-a_j)) Q_jᵀ`` of the basis stage's last refresh (``bases``, ``eigenvalues``).
+
+    As the Gram matrix of axis ``i`` is unchanged by an orthogonal map on the other axes, the
+    whitened gradient is taken as ``G ×_j (Q_j diag λ_j^(-a_j))ᵀ``: one product per other axis
+    (:meth:`KL._whitened`'s form). Without bases or eigenvalues (the first call) this is
+    :func:`frobenius`'s update; ``initial`` is unused (the initial bases are the identity and
+    the eigenvalues one).
+    """
+    del initial
+    if eigenvalues is None or all(b is None for b in bases):
+      return self._fold(grad, state, lambda axis: grad, hold)
+    if any(b is not None and b.ndim != 2 for b in bases):
+      raise ValueError(
+        "kl_roots needs the basis stage's bases: use eigh_every(keep_bases=True) "
+        "(scale_by_shampoo(kl_factors=True) does)."
+      )
+    dtype = jnp.promote_types(grad.dtype, jnp.float32)
+    work = grad.astype(dtype)
+    scales = [None if s is None else s.astype(dtype) for s in self._scales(eigenvalues, grad.ndim)]
+    matrices = [None if b is None else b.astype(dtype) for b in bases]
+
+    def whitened(axis: int) -> jax.Array:
+      x = work
+      for other, (basis, scale) in enumerate(zip(matrices, scales, strict=True)):
+        if other != axis and basis is not None and scale is not None:
+          shape = [scale if j == other else None for j in range(x.ndim)]
+          x = tensor_ops.mode_product(x, basis.T, other) * tensor_ops.kron_outer(shape, x.shape)
+      return x
+
+    return self._fold(work, state, whitened, hold)
+
+  def gain(self, state: FrobeniusState, basis_state: Any = None) -> jax.Array:
+    """Bound on ``|entry| / ‖G‖²``: ``Π_j max(1, max_i λ_ji^(-a_j))²`` over the factored axes
+    (the whitening's largest singular values, from the basis stage's eigenvalues)."""
+    gain = jnp.ones((), jnp.float32)
+    if basis_state is None:
+      return gain
+    for scale in self._scales(basis_state.eigenvalues, len(state.factors)):
+      if scale is not None:
+        gain = gain * jnp.maximum(1.0, jnp.max(scale.astype(jnp.float32))) ** 2
+    return jnp.where(jnp.isfinite(gain), gain, jnp.finfo(jnp.float32).max)
+
+
+def kl_roots(
+  beta: Any, *, exponents: Any = None, bias_correction: bool = True, dtype: Any = None
+) -> KLRoots:
+  """Distributed Shampoo's simplified KL-Shampoo factors (``RootInvKLShampooPreconditionerConfig``).
+
+  .. math::
+
+    F_i \\leftarrow \\beta F_i + (1-\\beta)\\, \\tilde G_{(i)} \\tilde G_{(i)}^\\top,\\qquad
+    \\tilde G = G \\textstyle\\prod_{j \\ne i} \\times_j
+      Q_j\\,\\mathrm{diag}(\\lambda_j^{-a_j})\\,Q_j^\\top
+
+  where ``Q_j diag(λ_j^(-a_j)) Q_jᵀ`` is the inverse root of factor ``j`` that Shampoo
+  preconditions with, as of the last refresh (the identity before the first). For a matrix with
+  the default exponents, ``L ← β L + (1-β) G R̂^(-1/2) Gᵀ``. Unlike :func:`kl` (the KL-Shampoo
+  authors' estimator) there is no ``1/d`` normalisation, no eigenvalue EMA and no clamping; the
+  roots come from an eigh basis stage that keeps bases and eigenvalues
+  (``eigh_every(keep_bases=True)``, which ``scale_by_shampoo(kl_factors=True)`` uses).
+
+  Args:
+    beta: EMA weight of the factors, in ``[0, 1)``.
+    exponents: the roots' exponents ``a_j``, as for :func:`kl_precond.kronecker_eigenvalues`
+      (``None``: ``1/(2k)`` on an order-``k`` block).
+    bias_correction: hand ``F_i / (1 - βᵗ)`` to the basis stage (Distributed Shampoo).
+    dtype: storage dtype of the factors (default: the parameter's dtype).
+
+  Returns:
+    The estimator stage.
+
+  References:
+    facebookresearch/optimizers, ``RootInvKLShampooPreconditionerList`` (Distributed Shampoo);
+    Lin et al., "Understanding and Improving Shampoo and SOAP via Kullback-Leibler
+    Minimization", 2025, https://arxiv.org/abs/2509.03378
+  """
+  check_beta("beta", beta)
+  scaling._check_exponents(exponents)
+  return KLRoots(beta, bias_correction, dtype, exponents)
 
 
 class KLState(NamedTuple):
@@ -228,7 +356,13 @@ class KL:
     return [total / tau for tau in traces]
 
   def update(
-    self, grad: jax.Array, state: KLState, bases: Scales, initial: Any = None, hold: Any = None
+    self,
+    grad: jax.Array,
+    state: KLState,
+    bases: Scales,
+    initial: Any = None,
+    hold: Any = None,
+    eigenvalues: Any = None,
   ) -> KLState:
     """Folds one gradient block into the factors and the eigenvalue estimates.
 
@@ -242,8 +376,9 @@ class KL:
     gradient (no whitening) and the eigenvalue estimates are left as they are. Selecting the
     whitening scales, not the branch, keeps the projection of ``G`` shared with the direction.
     Where the traced flag ``hold`` is set, the state comes back unchanged, whatever ``grad``
-    holds.
+    holds. ``eigenvalues`` (the basis stage's) is unused: the estimates are this stage's own.
     """
+    del eigenvalues
     factors, roots = list(state.factors), list(state.inverse_roots)
     dtype = jnp.promote_types(grad.dtype, jnp.float32)
     grad = grad.astype(dtype)
@@ -294,13 +429,15 @@ class KL:
 
   eigenvalues_fixed_between_refreshes = False  # ``ℓ_i`` are updated every step
 
-  def gain(self, state: KLState) -> jax.Array:
+  def gain(self, state: KLState, basis_state: Any = None) -> jax.Array:
     """Bound on ``|entry| / ‖G‖²`` of the statistics an update writes.
 
     The whitened gradient is ``G ×_j (Q_j diag s_j)ᵀ``, so every factor entry and eigenvalue
     target is at most ``‖G‖² Π_j max(1, max s_j)²``; with clamping, ``s_j`` (old or new) never
-    exceeds the clamp ceiling of its axis, a bound that needs no state.
+    exceeds the clamp ceiling of its axis, a bound that needs no state (``basis_state`` is
+    unused).
     """
+    del basis_state
     gain = jnp.ones((), jnp.float32)
     for root in state.inverse_roots:
       if root is None:

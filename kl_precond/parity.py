@@ -13,8 +13,8 @@ Command line::
   python -m kl_precond.parity FILE.npz [FILE.npz ...] [--json] [--inject {none,q0,all}]
 
 It exits with 1 when a well-posed tensor misses its tolerance, and with 3 when a file's
-configuration has no kl_precond equivalent (say, Distributed Shampoo's eigenvalue-corrected or
-KL preconditioners); the table says which. A tensor is well-posed when
+configuration has no kl_precond equivalent (say, Distributed Shampoo's eigenvalue-corrected
+preconditioner); the table says which. A tensor is well-posed when
 every Kronecker factor is full rank when its first basis is computed (for the methods whose
 first call only initialises: the first gradient's mode unfoldings have full row rank); other
 tensors depend on the arbitrary eigenbasis of a null space and are reported, not judged.
@@ -272,10 +272,11 @@ def _meta_recipe(kwargs: dict[str, Any]) -> Recipe:
   if not kwargs.get("use_bias_correction", True):
     raise Unsupported("use_bias_correction=False has no kl_precond equivalent")
   config, options = _parse_call(kwargs.get("preconditioner_config"))
-  if config != "RootInvShampooPreconditionerConfig" or options.get("use_trace_scaling"):
+  root_inverse = ("RootInvShampooPreconditionerConfig", "RootInvKLShampooPreconditionerConfig")
+  if config not in root_inverse or options.get("use_trace_scaling"):
     raise Unsupported(
       f"preconditioner_config {config} has no kl_precond equivalent (only root-inverse "
-      "Shampoo; see the README's method table)"
+      "Shampoo and KL-Shampoo; see the README's method table)"
     )
   kind, graft_b2, graft_eps = _meta_grafting(kwargs.get("grafting_config"))
   merged = "target_parameter_dimensionality=math.inf" not in str(kwargs.get("distributed_config"))
@@ -298,6 +299,7 @@ def _meta_recipe(kwargs: dict[str, Any]) -> Recipe:
     graft_b2=graft_b2,
     graft_eps=graft_eps,
     layout=layout,
+    kl_factors=config == "RootInvKLShampooPreconditionerConfig",
   )
   decay = "l2" if "L2" in str(kwargs.get("weight_decay_type", "DECOUPLED")) else "decoupled"
   # The reference keeps lr in a float32 tensor.

@@ -3,7 +3,8 @@
 One step, per bucket of equal-shape blocks (all ``vmap``ed over the stacked blocks):
 
 1. **direction** with the current basis: ``U, scaling_state = scaling.update(G, ...)``;
-2. **statistics**: ``estimator.update(G, ..., bases)`` folds the gradient into the factors;
+2. **statistics**: ``estimator.update(G, ..., bases, ..., eigenvalues)`` folds the gradient into
+   the factors (the basis stage's current bases and eigenvalues, for estimators that whiten);
 3. **refresh** every ``T`` steps (under ``jax.lax.cond`` on the step counter):
    ``basis.refresh(factors)``, then ``scaling.rotate`` re-expresses buffers kept in the basis.
 
@@ -207,8 +208,12 @@ def _statistics(
 
   # On the first call ``update`` acts as ``first`` (the estimator selects, elementwise): a
   # conditional here would hide the gradient's projection from the direction's (no sharing).
-  fold = jax.vmap(stages.estimator.update, in_axes=(0, 0, 0, None, None))
-  state = state._replace(estimator=fold(grads, state.estimator, state.basis.bases, initial, hold))
+  fold = jax.vmap(stages.estimator.update, in_axes=(0, 0, 0, None, None, 0))
+  state = state._replace(
+    estimator=fold(
+      grads, state.estimator, state.basis.bases, initial, hold, state.basis.eigenvalues
+    )
+  )
 
   # The branches return only what a refresh changes: state passed through a conditional is
   # copied on every call, so the (read-only) factors are not.
@@ -262,7 +267,7 @@ def _within_range(
   for bucket, grad, state in zip(tree.buckets, grads, buckets, strict=True):
     gain: Any = 1.0
     if any(bucket.preconditioned):
-      gain = jax.vmap(stages.estimator.gain)(state.estimator)
+      gain = jax.vmap(stages.estimator.gain)(state.estimator, state.basis)
     flags.append(tensor_ops.within_range(grad, gain, (state.estimator, state.scaling)))
   return jnp.all(jnp.asarray(flags or [True]))
 
@@ -437,7 +442,8 @@ def scale_by_preconditioner(
   bias_correction=False))``.
 
   Args:
-    estimator: the factor statistics, :func:`kl_precond.frobenius` or :func:`kl_precond.kl`.
+    estimator: the factor statistics, :func:`kl_precond.frobenius`, :func:`kl_precond.kl` or
+      :func:`kl_precond.kl_roots`.
     basis: the refresh policy, :func:`kl_precond.qr_every` or :func:`kl_precond.eigh_every`.
     scaling: what is done in the eigenbasis, :func:`kl_precond.adam` or
       :func:`kl_precond.kronecker_eigenvalues`.

@@ -4,6 +4,7 @@
 | -------------------- | ------------------------ | ----------------------------- | -------------------------------- |
 | Shampoo              | ``frobenius`` (bias-corr.) | ``eigh_every(T, ridge=ε)``  | ``kronecker_eigenvalues(inside)`` |
 | AdamW-style Shampoo  | same                     | same                          | exponents ``(a, b)``, ``a+b=½``   |
+| ``kl_factors=True``  | ``kl_roots`` (bias-corr.) | same, bases kept             | as above                         |
 
 The order within a step follows Distributed Shampoo (facebookresearch/optimizers, the AlgoPerf
 winner): fold ``G`` into the factors, refresh the roots on due steps, then precondition the
@@ -63,6 +64,7 @@ def scale_by_shampoo(
   nonfinite: str = "skip",
   cache_roots: bool = True,
   store_bases: bool = False,
+  kl_factors: bool = False,
 ) -> optax.GradientTransformation:
   """Shampoo with inverse roots from eigh and optional grafting (Gupta et al. 2018; Shi et al.).
 
@@ -110,6 +112,11 @@ def scale_by_shampoo(
       copy them through the refresh conditional (update alone on 4 blocks of 1024²: 155-162 ms
       without the bases, 145-149 ms with them; no difference at 256-blocks on a 3.3 M-parameter
       transformer). ``cache_roots=False`` needs the bases.
+    kl_factors: Distributed Shampoo's simplified KL-Shampoo
+      (``RootInvKLShampooPreconditionerConfig``): each factor folds the gradient whitened on the
+      other axes by their current roots, ``L ← β₂L + (1-β₂) G R̂^(-2b) Gᵀ`` for a matrix
+      (:func:`kl_precond.kl_roots`); everything else as above. Stores the bases (the whitening
+      uses them). For the KL-Shampoo authors' method, use :func:`kl_precond.kl_shampoo`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -132,14 +139,16 @@ def scale_by_shampoo(
   if unfactored:
     layout = dataclasses.replace(layout, unfactored_axes=unfactored)
   direction = preconditioner.scale_by_preconditioner(
-    estimators.frobenius(b2, bias_correction=True, dtype=dtype),
+    estimators.kl_roots(b2, exponents=exponents, dtype=dtype)
+    if kl_factors
+    else estimators.frobenius(b2, bias_correction=True, dtype=dtype),
     basis_lib.eigh_every(
       precondition_frequency,
       start=start,
       ridge=eps,
       relative_ridge=eps_mode == "relative",
       eigenvalue_floor=eps,
-      keep_bases=store_bases or not cache_roots,
+      keep_bases=store_bases or not cache_roots or kl_factors,
       dtype=dtype,
     ),
     scaling.kronecker_eigenvalues(
@@ -187,6 +196,7 @@ def shampoo(
   nonfinite: str = "skip",
   cache_roots: bool = True,
   store_bases: bool = False,
+  kl_factors: bool = False,
 ) -> optax.GradientTransformation:
   """Shampoo with decoupled weight decay: ``W ← W - η(P + λW)``, ``P`` from
   :func:`scale_by_shampoo` (after grafting, as in Distributed Shampoo).
@@ -215,6 +225,7 @@ def shampoo(
     nonfinite=nonfinite,
     cache_roots=cache_roots,
     store_bases=store_bases,
+    kl_factors=kl_factors,
   )
   return _with_decay(direction, learning_rate, weight_decay, mask)
 
@@ -237,6 +248,7 @@ def adamw_shampoo(
   nonfinite: str = "skip",
   cache_roots: bool = True,
   store_bases: bool = False,
+  kl_factors: bool = False,
 ) -> optax.GradientTransformation:
   """AdamW-style Shampoo: exponents ``(a, b)`` with ``a + b = 1/2``, decoupled weight decay.
 
@@ -270,6 +282,7 @@ def adamw_shampoo(
     nonfinite: ``"skip"`` or ``"propagate"`` calls with NaN/Inf gradients.
     cache_roots: as in :func:`scale_by_shampoo`.
     store_bases: as in :func:`scale_by_shampoo`.
+    kl_factors: as in :func:`scale_by_shampoo`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -305,5 +318,6 @@ def adamw_shampoo(
     nonfinite=nonfinite,
     cache_roots=cache_roots,
     store_bases=store_bases,
+    kl_factors=kl_factors,
   )
   return _with_decay(direction, learning_rate, weight_decay, mask)

@@ -158,3 +158,74 @@ def kl_reference(grads, *, b1, b2, eps, beta, every, klsoap, init_factor=0.1, ca
       if klsoap:
         mu = rotate(mu_param, bases, transpose=True)
   return out
+
+
+def distributed_shampoo_reference(
+  init,
+  grads,
+  *,
+  lr,
+  b1,
+  b2,
+  eps,
+  weight_decay,
+  every,
+  start,
+  kl=False,
+  graft=None,
+  exponents=None,
+):
+  """Distributed Shampoo's root-inverse Shampoo (``kl=True``: its simplified KL-Shampoo), one
+  block per tensor, written from the golden sidecars' ``semantics`` (shared/golden).
+
+  ``init``: one array; ``grads``: a list of arrays. ``graft``: ``None`` or Adam grafting's
+  ``(beta2, epsilon)``. ``exponents``: per-axis root exponents (default ``1/(2·order)``; ``0``:
+  the axis is not preconditioned). Decoupled weight decay, ``W ← W - lr (P + λW)``. Returns the
+  parameter trajectory ``[W_0, W_1, ...]``.
+  """
+  w = np.array(init, dtype=np.float64)
+  order = w.ndim
+  if exponents is None:
+    exponents = [1.0 / (2 * order)] * order
+  axes = [k for k in range(order) if exponents[k] != 0]
+  factors = {k: np.zeros((w.shape[k], w.shape[k])) for k in axes}
+  inverse = {k: np.eye(w.shape[k]) for k in axes}
+  m, v = np.zeros_like(w), np.zeros_like(w)
+  trajectory = [w.copy()]
+  for t, g in enumerate(grads, start=1):
+    g = np.asarray(g, np.float64)
+    outer = {}
+    for k in axes:
+      x = g
+      if kl:  # the other preconditioned axes whitened by their current inverse roots
+        for j in axes:
+          if j != k:
+            x = mode_apply(x, inverse[j], j)
+      outer[k] = unfold(x, k) @ unfold(x, k).T
+    for k in axes:
+      factors[k] = b2 * factors[k] + (1 - b2) * outer[k]
+    if (t % every == 0 and t > start) or t == start:
+      for k in axes:
+        a = factors[k] / (1 - b2**t) + eps * np.eye(w.shape[k])
+        lam, vectors = np.linalg.eigh(a)
+        if lam.min() < eps:
+          lam = lam - lam.min() + eps
+        inverse[k] = vectors @ np.diag(lam ** -exponents[k]) @ vectors.T
+    m = b1 * m + (1 - b1) * g
+    filtered = m / (1 - b1**t)
+    shampoo = filtered
+    for k in axes:
+      shampoo = mode_apply(shampoo, inverse[k], k)
+    if graft is None:
+      direction = shampoo
+    else:
+      graft_b2, graft_eps = graft
+      v = graft_b2 * v + (1 - graft_b2) * g**2
+      adam = filtered / (np.sqrt(v / (1 - graft_b2**t)) + graft_eps)
+      if t < start:
+        direction = adam
+      else:
+        direction = shampoo * np.linalg.norm(adam) / (np.linalg.norm(shampoo) + 1e-16)
+    w = w - lr * (direction + weight_decay * w)
+    trajectory.append(w.copy())
+  return trajectory

@@ -43,10 +43,7 @@ def golden_files() -> list[pathlib.Path]:
 
 
 # Distributed Shampoo preconditioners with no kl_precond equivalent (README's method table).
-NO_EQUIVALENT = (
-  "EigenvalueCorrectedShampooPreconditionerConfig",
-  "RootInvKLShampooPreconditionerConfig",
-)
+NO_EQUIVALENT = ("EigenvalueCorrectedShampooPreconditionerConfig",)
 
 
 @pytest.fixture(scope="module")
