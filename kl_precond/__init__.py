@@ -2,8 +2,8 @@
 
 Shampoo (with grafting), AdamW-style Shampoo, SOAP, KL-Shampoo and KL-SOAP as ``optax.GradientTransformation``s, each a short chain
 of public stages: ``layout`` → ``estimator`` (:func:`frobenius`, :func:`kl`, :func:`kl_roots`) → ``basis``
-(:func:`qr_every`, :func:`eigh_every`) → ``scaling`` (:func:`adam`,
-:func:`kronecker_eigenvalues`), composed by :func:`scale_by_preconditioner`.
+(:func:`qr_every`, :func:`eigh_every`, :func:`qr_algorithm_every`) → ``scaling`` (:func:`adam`,
+:func:`kronecker_eigenvalues`, :func:`eigenvalue_corrected`), composed by :func:`scale_by_preconditioner`.
 """
 
 import inspect
@@ -20,7 +20,7 @@ from kl_precond.alias import (
   scale_by_soap,
   soap,
 )
-from kl_precond.basis import BasisState, eigh_every, qr_every
+from kl_precond.basis import BasisState, eigh_every, qr_algorithm_every, qr_every
 from kl_precond.estimators import FrobeniusState, KLState, frobenius, kl, kl_roots
 from kl_precond.grafting import (
   GraftState,
@@ -31,22 +31,36 @@ from kl_precond.grafting import (
 )
 from kl_precond.layout import LayoutConfig
 from kl_precond.preconditioner import BucketState, PreconditionerState, scale_by_preconditioner
-from kl_precond.scaling import AdamState, MomentumState, adam, kronecker_eigenvalues
-from kl_precond.shampoo_family import adamw_shampoo, scale_by_shampoo, shampoo
+from kl_precond.scaling import (
+  AdamState,
+  CorrectedState,
+  MomentumState,
+  adam,
+  eigenvalue_corrected,
+  kronecker_eigenvalues,
+)
+from kl_precond.shampoo_family import (
+  adamw_shampoo,
+  eigenvalue_corrected_shampoo,
+  scale_by_eigenvalue_corrected_shampoo,
+  scale_by_shampoo,
+  shampoo,
+)
 
 __version__ = "0.1.0"
 
 # Hyperparameters that shape the computation (sizes, periods) and so cannot be traced arrays,
 # common to every optimizer here: ``optax.inject_hyperparams(kp.soap,
 # static_args=kp.STATIC_HYPERPARAMS)``. ``kp.static_hyperparams(kp.shampoo)`` adds the ones a
-# given optimizer has beyond these (``start_preconditioning_step``).
+# given optimizer has beyond these (``start_preconditioning_step``, ``qr_iterations``).
 STATIC_HYPERPARAMS = ("precondition_frequency", "max_precond_dim")
 
 
 def static_hyperparams(factory: Callable[..., Any]) -> tuple[str, ...]:
   """The static arguments of an optimizer of this package, for ``optax.inject_hyperparams``."""
   names = inspect.signature(factory).parameters
-  return tuple(n for n in (*STATIC_HYPERPARAMS, "start_preconditioning_step") if n in names)
+  extra = ("start_preconditioning_step", "qr_iterations")
+  return tuple(n for n in (*STATIC_HYPERPARAMS, *extra) if n in names)
 
 
 __all__ = [
@@ -54,6 +68,7 @@ __all__ = [
   "AdamState",
   "BasisState",
   "BucketState",
+  "CorrectedState",
   "FrobeniusState",
   "GraftState",
   "HoldingTransformation",
@@ -64,6 +79,8 @@ __all__ = [
   "PreconditionerState",
   "adam",
   "adamw_shampoo",
+  "eigenvalue_corrected",
+  "eigenvalue_corrected_shampoo",
   "eigh_every",
   "frobenius",
   "graft",
@@ -73,8 +90,10 @@ __all__ = [
   "kl_shampoo",
   "kl_soap",
   "kronecker_eigenvalues",
+  "qr_algorithm_every",
   "qr_every",
   "scale_by_kl_shampoo",
+  "scale_by_eigenvalue_corrected_shampoo",
   "scale_by_kl_soap",
   "scale_by_preconditioner",
   "scale_by_shampoo",

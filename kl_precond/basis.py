@@ -12,7 +12,10 @@ eigenvalues ``diag(Qᵀ F Q)`` (upstream SOAP):
   Q \\leftarrow \\mathrm{qr}(F\\, Q_{:, \\pi}).Q .
 
 The permutation ``π`` is returned so that the scaling stage can permute buffers that live in
-the eigenbasis and are not rotated (SOAP's second moment). Decompositions run in float32 at
+the eigenbasis and are not rotated (SOAP's second moment). :func:`qr_algorithm_every` is
+Distributed Shampoo's variant (its ``DefaultSOAPConfig``): bases start as the identity, a refresh
+is a QR-algorithm step ``Q ← Q qr(Qᵀ(F + ρI)Q).Q`` warm-started from them, and the columns are
+sorted afterwards, ascending, without telling the scaling stage. Decompositions run in float32 at
 least (float64 when the factor is float64) and are cast back. A refresh that yields a
 non-finite basis keeps the previous one; the chassis counts such failures. On CPU, factors of
 512 and up are decomposed with 8 appended rows (and, for ``eigh``, columns), which LAPACK
@@ -128,12 +131,17 @@ class Refresh:
   ridge: Any = 0.0
   relative_ridge: bool = False
   keep_bases: bool = True
+  ascending: bool = False
+  iterations: int = 1
+  tolerance: Any = 0.0
 
   def __post_init__(self) -> None:
     if not self.keep_bases and self.method != "eigh":
       raise ValueError(
         "keep_bases=False needs method='eigh': a QR refresh iterates on the previous basis."
       )
+    if not self.keep_bases and not _is_zero(self.tolerance):
+      raise ValueError("tolerance > 0 compares with the previous basis: it needs keep_bases=True.")
 
   def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any) -> BasisState:
     dtype = self.dtype or dtype
@@ -163,9 +171,28 @@ class Refresh:
         eigenvalues = eigenvalues + self.ridge * jnp.max(eigenvalues)
       else:
         eigenvalues, basis = _eigh_descending(factor + self.ridge * jnp.eye(factor.shape[0]))
+      if self.ascending:
+        eigenvalues, basis = eigenvalues[::-1], basis[:, ::-1]
+      if not _is_zero(self.tolerance):
+        # Distributed Shampoo's adaptive refresh: keep the previous basis (and its Rayleigh
+        # quotients) where it already diagonalises the factor to the tolerance.
+        ridged = self._ridged(factor)
+        previous = old_basis.astype(ridged.dtype)
+        estimate = previous.T @ ridged @ previous
+        converged = _diagonal_to(estimate, self.tolerance)
+        basis = jnp.where(converged, previous, basis)
+        eigenvalues = jnp.where(converged, jnp.diagonal(estimate), eigenvalues)
       bases.append(basis.astype(old_basis.dtype))
       values.append(None if old_values is None else self._floor(eigenvalues, old_values.dtype))
     return BasisState(tuple(bases), tuple(values))
+
+  def _ridged(self, factor: jax.Array) -> jax.Array:
+    """``F + ρI`` in the decompositions' dtype (``ρ λ_max I`` with ``relative_ridge``)."""
+    matrix = factor.astype(_compute_dtype(factor.dtype))
+    ridge = self.ridge
+    if self.relative_ridge:
+      ridge = ridge * jnp.max(jnp.linalg.eigvalsh(matrix))
+    return matrix + ridge * jnp.eye(matrix.shape[0], dtype=matrix.dtype)
 
   def _floor(self, eigenvalues: jax.Array, dtype: Any) -> jax.Array:
     """Distributed Shampoo's shift: if ``λ_min < floor``, ``λ ← λ - λ_min + floor``."""
@@ -195,6 +222,8 @@ class Refresh:
     """A periodic refresh. Returns the new state, per-axis permutations and a failure flag."""
     if self.method == "eigh":
       new_state, permutations = self._decompose(factors, state), (None,) * len(factors)
+    elif self.method == "qr_algorithm":
+      new_state, permutations = self._qr_algorithm(factors, state), (None,) * len(factors)
     else:
       new_state, permutations = self._power_qr(factors, state)
     kept, failed = self._keep_if_failed(new_state, state)
@@ -224,6 +253,30 @@ class Refresh:
       permutations.append(order)
     return BasisState(tuple(bases), state.eigenvalues), tuple(permutations)
 
+  def _qr_algorithm(self, factors: Matrices, state: BasisState) -> BasisState:
+    """Steps of the QR algorithm warm-started from the previous basis (Distributed Shampoo's
+    ``QREigendecompositionConfig``): ``B = Qᵀ(F + ρI)Q``; while ``B`` is not diagonal to the
+    tolerance, ``Q_B R = qr(B)``, ``B ← R Q_B``, ``Q ← Q Q_B`` (at most ``iterations`` times);
+    then the columns sorted by ``diag(B)``, ascending (stable) unless ``ascending=False``."""
+    bases: list[jax.Array | None] = []
+    for factor, basis in zip(factors, state.bases, strict=True):
+      if factor is None or basis is None:
+        bases.append(None)
+        continue
+      factor = tensor_ops.after(factor, bases)  # one decomposition at a time (tensor_ops.after)
+      ridged = self._ridged(factor)
+      current = basis.astype(ridged.dtype)
+      estimate = current.T @ ridged @ current
+      for _ in range(self.iterations):
+        rotation, upper = jnp.linalg.qr(estimate)
+        converged = _diagonal_to(estimate, self.tolerance)
+        estimate = jnp.where(converged, estimate, upper @ rotation)
+        current = jnp.where(converged, current, current @ rotation)
+      estimates = jnp.diagonal(estimate)
+      order = jnp.argsort(estimates if self.ascending else -estimates, stable=True)
+      bases.append(current[:, order].astype(basis.dtype))
+    return BasisState(tuple(bases), state.eigenvalues)
+
   def _keep_if_failed(self, new: BasisState, old: BasisState) -> tuple[BasisState, jax.Array]:
     """The previous state where the new one is not finite. Without stored bases only the
     eigenvalues can be restored; the chassis then keeps the scaling's previous state."""
@@ -232,6 +285,19 @@ class Refresh:
       return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old), jnp.logical_not(ok)
     values = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new.eigenvalues, old.eigenvalues)
     return new._replace(eigenvalues=values), jnp.logical_not(ok)
+
+
+def _is_zero(value: Any) -> bool:
+  """A concrete zero (a traced value is taken as nonzero)."""
+  return isinstance(value, (int, float)) and value == 0
+
+
+def _diagonal_to(estimate: jax.Array, tolerance: Any) -> jax.Array:
+  """``‖B - diag(B)‖_F <= tolerance · ‖B‖_F`` (computed as Distributed Shampoo does)."""
+  norm = jnp.linalg.norm(estimate)
+  diagonal = jnp.linalg.norm(jnp.diagonal(estimate))
+  # A negative difference (rounding) gives NaN, which compares False: not converged, as there.
+  return jnp.sqrt(norm**2 - diagonal**2) <= tolerance * norm
 
 
 def _placeholder(dtype: Any, batch: tuple[int, ...] = ()) -> jax.Array:
@@ -275,6 +341,8 @@ def eigh_every(
   eigenvalue_floor: Any = None,
   keep_eigenvalues: bool = True,
   keep_bases: bool = True,
+  ascending: bool = False,
+  tolerance: Any = 0.0,
   dtype: Any = None,
 ) -> Refresh:
   """Refresh by a full eigendecomposition every ``every`` steps (Shampoo).
@@ -299,6 +367,11 @@ def eigh_every(
       scaling's previous roots.
     eigenvalue_floor: if the smallest eigenvalue is below this, shift all of them so that it
       equals the floor (Distributed Shampoo's ``λ - λ_min + ε``); ``None`` for no shift.
+    ascending: columns by ascending eigenvalue (Distributed Shampoo's eigenvalue-corrected
+      preconditioner, whose second moment is tied to the column order); default descending.
+    tolerance: skip a block's decomposition, keeping its previous basis and taking the diagonal
+      of ``B = Qᵀ(F + ρI)Q`` as eigenvalues, where ``‖B - diag B‖_F <= tolerance · ‖B‖_F``
+      (Distributed Shampoo's ``EighEigendecompositionConfig(tolerance)``); 0: never.
     dtype: storage dtype of bases and eigenvalues (default: the parameter's dtype).
 
   Returns:
@@ -307,6 +380,7 @@ def eigh_every(
   check_frequency("precondition_frequency", every)
   _check_start(start)
   check_nonnegative("ridge", ridge)
+  _check_tolerance(tolerance)
   if eigenvalue_floor is not None:
     check_nonnegative("eigenvalue_floor", eigenvalue_floor)
   return Refresh(
@@ -320,4 +394,72 @@ def eigh_every(
     ridge,
     relative_ridge,
     keep_bases,
+    bool(ascending),
+    1,
+    tolerance,
+  )
+
+
+def _check_tolerance(tolerance: Any) -> None:
+  check_nonnegative("tolerance", tolerance)
+  if isinstance(tolerance, (int, float)) and tolerance > 1:
+    raise ValueError(f"tolerance must be in [0, 1], got {tolerance!r}.")
+
+
+def qr_algorithm_every(
+  every: int,
+  *,
+  start: int = 0,
+  ridge: Any = 0.0,
+  iterations: int = 1,
+  tolerance: Any = 0.0,
+  ascending: bool = True,
+  dtype: Any = None,
+) -> Refresh:
+  """Refresh by steps of the QR algorithm warm-started from the previous basis, every ``every``
+  steps (Distributed Shampoo's ``QREigendecompositionConfig``, its ``DefaultSOAPConfig``).
+
+  .. math::
+
+    B = Q^\\top (F + \\rho I)\\, Q,\\qquad Q_B R = \\mathrm{qr}(B),\\quad
+    B \\leftarrow R\\, Q_B,\\quad Q \\leftarrow Q\\, Q_B
+
+  repeated at most ``iterations`` times while ``‖B - diag B‖_F > tolerance · ‖B‖_F``, then the
+  columns sorted by ``diag(B)``. One step is one step of orthogonal (subspace) iteration,
+  ``Q Q_B = qr((F + ρI) Q).Q`` up to signs, as :func:`qr_every`; the sort comes after it and is
+  not handed to the scaling stage (Distributed Shampoo does not permute its second moment).
+  The bases start as the identity, so the first refresh is one step from the identity, not an
+  eigendecomposition.
+
+  Args:
+    every: refresh period ``T >= 1`` (static).
+    start: also refresh at step ``start``, and only after it (0: from the first step).
+    ridge: ``ρ`` added to the factor's diagonal (Distributed Shampoo's ``ε``).
+    iterations: the most QR steps per refresh, ``>= 1`` (static).
+    tolerance: stop when the estimate is diagonal to this relative tolerance (0: run them all
+      unless ``B`` is exactly diagonal), in ``[0, 1]``.
+    ascending: sort the columns by ascending estimate (Distributed Shampoo); else descending.
+    dtype: storage dtype of the bases (default: the parameter's dtype).
+
+  Returns:
+    The basis stage.
+  """
+  check_frequency("precondition_frequency", every)
+  _check_start(start)
+  check_nonnegative("ridge", ridge)
+  _check_tolerance(tolerance)
+  if (
+    isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1
+  ):
+    raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}.")
+  return Refresh(
+    every,
+    "qr_algorithm",
+    False,
+    dtype=dtype,
+    start=start,
+    ridge=ridge,
+    ascending=bool(ascending),
+    iterations=int(iterations),
+    tolerance=tolerance,
   )

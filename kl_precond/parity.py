@@ -262,6 +262,86 @@ def _meta_grafting(text: str | None) -> tuple[str | None, float, float]:
   return kind, beta2, kwargs.get("epsilon", 1e-10)
 
 
+# Distributed Shampoo's named preconditioner configs, as (class, options).
+_META_ALIASES = {
+  "DefaultShampooConfig": ("RootInvShampooPreconditionerConfig", {}),
+  "DefaultEigenvalueCorrectedShampooConfig": ("EigenvalueCorrectedShampooPreconditionerConfig", {}),
+  "DefaultSOAPConfig": (
+    "EigenvalueCorrectedShampooPreconditionerConfig",
+    {"amortized_computation_config": "QREigendecompositionConfig()"},
+  ),
+}
+_ROOT_INVERSE = ("RootInvShampooPreconditionerConfig", "RootInvKLShampooPreconditionerConfig")
+_EIGENVALUE_CORRECTED = "EigenvalueCorrectedShampooPreconditionerConfig"
+# Options of the preconditioner configs that change nothing a float64 replay can see (dtypes,
+# storage, failure tolerance) or that are mapped below.
+_META_CONFIG_OPTIONS = {
+  "amortized_computation_config",
+  "num_tolerated_failed_amortized_computations",
+  "factor_matrix_dtype",
+  "inv_factor_matrix_dtype",
+  "factor_matrix_eigenvectors_dtype",
+  "corrected_eigenvalues_dtype",
+  "use_symmetric_packing",
+  "inverse_exponent_override",
+  "ignored_basis_change_dims",
+  "use_trace_scaling",
+  "trace_scaling_exponent",
+  "drop_weighting_factor_on_gsquare",
+}
+
+
+def _meta_preconditioner(text: str | None) -> tuple[str, dict[str, Any]]:
+  """The preconditioner config's class and options; refuses what has no equivalent."""
+  source = (text or "DefaultShampooConfig").split("  #")[0].strip()
+  if source in _META_ALIASES:
+    config, options = _META_ALIASES[source]
+    options = dict(options)
+  else:
+    parsed, options = _parse_call(source)
+    config = str(parsed)
+  if config not in (*_ROOT_INVERSE, _EIGENVALUE_CORRECTED):
+    raise Unsupported(
+      f"preconditioner_config {config} has no kl_precond equivalent (root-inverse Shampoo and "
+      "KL-Shampoo, eigenvalue-corrected Shampoo; see the README's method table)"
+    )
+  unknown = set(options) - _META_CONFIG_OPTIONS
+  if unknown:
+    raise Unsupported(f"{config} options {sorted(unknown)} have no kl_precond equivalent")
+  if options.get("use_trace_scaling"):
+    raise Unsupported("use_trace_scaling=True has no kl_precond equivalent")
+  if options.get("drop_weighting_factor_on_gsquare"):
+    raise Unsupported("drop_weighting_factor_on_gsquare=True has no kl_precond equivalent")
+  return config, options
+
+
+def _meta_decomposition(config: str, text: Any) -> tuple[str, int, float]:
+  """``(refresh, iterations, tolerance)`` from an ``amortized_computation_config``."""
+  default = "EigenConfig()" if config in _ROOT_INVERSE else "EighEigendecompositionConfig()"
+  source = str(text or default).split("  #")[0].strip()
+  if source in ("DefaultEigenConfig", "DefaultEigendecompositionConfig"):
+    source = "EigenConfig()" if source == "DefaultEigenConfig" else "EighEigendecompositionConfig()"
+  name, options = _parse_call(source)
+  kinds = {"EigenConfig": "eigh", "EighEigendecompositionConfig": "eigh"}
+  if config == _EIGENVALUE_CORRECTED:
+    kinds["QREigendecompositionConfig"] = "qr"
+  if name not in kinds:
+    raise Unsupported(f"amortized_computation_config {name} has no kl_precond equivalent")
+  stability = str(options.pop("rank_deficient_stability_config", "DefaultPerturbationConfig"))
+  if stability not in ("DefaultPerturbationConfig", "PerturbationConfig()") and (
+    not stability.startswith("PerturbationConfig(")
+    or "perturb_before_computation=True" not in stability
+  ):
+    raise Unsupported(f"rank_deficient_stability_config {stability} has no kl_precond equivalent")
+  iterations = int(options.pop("max_iterations", 1))
+  tolerance = float(options.pop("tolerance", 0.0))
+  options.pop("retry_double_precision", None)  # a retry on failure only
+  options.pop("eigendecomposition_offload_device", None)  # where, not what
+  if options:
+    raise Unsupported(f"{name} options {sorted(options)} have no kl_precond equivalent")
+  return kinds[str(name)], iterations, tolerance
+
+
 def _meta_recipe(kwargs: dict[str, Any]) -> Recipe:
   _check_kwargs("DistributedShampoo", kwargs, _META_KWARGS)
   b1, b2 = kwargs.get("betas", (0.9, 1.0))
@@ -271,36 +351,59 @@ def _meta_recipe(kwargs: dict[str, Any]) -> Recipe:
     raise Unsupported("iterate averaging has no kl_precond equivalent")
   if not kwargs.get("use_bias_correction", True):
     raise Unsupported("use_bias_correction=False has no kl_precond equivalent")
-  config, options = _parse_call(kwargs.get("preconditioner_config"))
-  root_inverse = ("RootInvShampooPreconditionerConfig", "RootInvKLShampooPreconditionerConfig")
-  if config not in root_inverse or options.get("use_trace_scaling"):
-    raise Unsupported(
-      f"preconditioner_config {config} has no kl_precond equivalent (only root-inverse "
-      "Shampoo and KL-Shampoo; see the README's method table)"
-    )
+  config, options = _meta_preconditioner(kwargs.get("preconditioner_config"))
+  refresh, iterations, tolerance = _meta_decomposition(
+    config, options.get("amortized_computation_config")
+  )
   kind, graft_b2, graft_eps = _meta_grafting(kwargs.get("grafting_config"))
   merged = "target_parameter_dimensionality=math.inf" not in str(kwargs.get("distributed_config"))
   cap = int(kwargs.get("max_preconditioner_dim", 1024))
   frequency = int(kwargs.get("precondition_frequency", 1))
   start = int(kwargs.get("start_preconditioning_step", -1))
   start = frequency if start < 0 else start
-  exponents = options.get("inverse_exponent_override") or None
+  eps = kwargs.get("epsilon", 1e-12)
   layout = layout_lib.LayoutConfig(
     cap, merge_small_dims=merged, precondition_1d=True, blocking=True
   )
-  transform = shampoo_family.scale_by_shampoo(
-    b1,
-    b2,
-    kwargs.get("epsilon", 1e-12),
-    exponents=exponents,
-    precondition_frequency=frequency,
-    start_preconditioning_step=start,
-    grafting_type=kind,
-    graft_b2=graft_b2,
-    graft_eps=graft_eps,
-    layout=layout,
-    kl_factors=config == "RootInvKLShampooPreconditionerConfig",
-  )
+  if config == _EIGENVALUE_CORRECTED:
+    ignored = options.get("ignored_basis_change_dims") or {}
+    if ignored:
+      unrotated = tuple((int(o), tuple(int(a) for a in axes)) for o, axes in ignored.items())
+      layout = dataclasses.replace(layout, unfactored_axes=unrotated)
+    transform = shampoo_family.scale_by_eigenvalue_corrected_shampoo(
+      b1,
+      b2,
+      eps,
+      exponent=options.get("inverse_exponent_override") or 0.5,
+      precondition_frequency=frequency,
+      start_preconditioning_step=start,
+      refresh=refresh,
+      qr_iterations=iterations,
+      tolerance=tolerance,
+      layout=layout,
+      grafting_type=kind,
+      graft_b2=graft_b2,
+      graft_eps=graft_eps,
+    )
+    replay_layout = layout
+  else:
+    if tolerance:
+      raise Unsupported("a root-inverse eigh with tolerance > 0 has no kl_precond equivalent")
+    exponents = options.get("inverse_exponent_override") or None
+    transform = shampoo_family.scale_by_shampoo(
+      b1,
+      b2,
+      eps,
+      exponents=exponents,
+      precondition_frequency=frequency,
+      start_preconditioning_step=start,
+      layout=layout,
+      kl_factors=config == "RootInvKLShampooPreconditionerConfig",
+      grafting_type=kind,
+      graft_b2=graft_b2,
+      graft_eps=graft_eps,
+    )
+    replay_layout = transform_layout(layout, exponents)
   decay = "l2" if "L2" in str(kwargs.get("weight_decay_type", "DECOUPLED")) else "decoupled"
   # The reference keeps lr in a float32 tensor.
   learning_rate = float(np.float32(kwargs.get("lr", 1e-2)))
@@ -310,7 +413,7 @@ def _meta_recipe(kwargs: dict[str, Any]) -> Recipe:
     kwargs.get("weight_decay", 0.0),
     decay,
     False,
-    transform_layout(layout, exponents),
+    replay_layout,
     TOLERANCE_META_X64,
     start,
   )

@@ -12,6 +12,9 @@
   re-rotated exactly through parameter space; ``V`` is not rotated, only permuted by the basis
   stage's sort.
 
+* :func:`eigenvalue_corrected` (Distributed Shampoo's SOAP): the same with ``M`` in parameter
+  space, ``ε`` after the bias correction, and ``V`` (its ``D``) never rotated or permuted.
+
 * :func:`kronecker_eigenvalues` (KL-Shampoo, Shampoo): a first moment scaled in the eigenbasis by
   a Kronecker product of per-factor eigenvalue powers,
 
@@ -295,6 +298,118 @@ class KroneckerEigenvalues:
       )
     )
     return state._replace(roots=roots)
+
+
+class CorrectedState(NamedTuple):
+  """State of :func:`eigenvalue_corrected` for one block."""
+
+  mu: jax.Array  # block shape, moment dtype; first moment in parameter space
+  nu: jax.Array  # block shape, moment dtype; corrected eigenvalues D, in the eigenbasis
+
+
+@dataclasses.dataclass(frozen=True)
+class EigenvalueCorrected:
+  """Distributed Shampoo's eigenvalue-corrected scaling; see :func:`eigenvalue_corrected`."""
+
+  b1: Any
+  b2: Any
+  eps: Any
+  exponent: Any = 0.5
+  bias_correction: bool = True
+  dtype: Any = None
+
+  def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any) -> CorrectedState:
+    del mask
+    zeros = jnp.zeros(tuple(shape), self.dtype or dtype)
+    return CorrectedState(zeros, zeros)
+
+  def _exponent(self, order: int) -> Any:
+    if isinstance(self.exponent, Mapping):
+      return self.exponent.get(order, 0.5)
+    return self.exponent
+
+  def update(
+    self,
+    grad: jax.Array,
+    state: CorrectedState,
+    bases: Bases,
+    eigenvalues: Any,
+    step: jax.Array,
+    hold: Any = None,
+  ) -> tuple[jax.Array, CorrectedState]:
+    """The direction and the new moments; where the traced flag ``hold`` is set the moments
+    come back unchanged, whatever ``grad`` holds (the direction is then meaningless)."""
+    del eigenvalues
+    dtype = _compute_dtype(state.mu.dtype)
+    grad = tensor_ops.zeroed(grad.astype(dtype), hold)
+    b2, w2 = tensor_ops.held(hold, self.b2, 1 - self.b2)
+    _, w1 = tensor_ops.held(hold, self.b1, 1 - self.b1)
+    nu = b2 * state.nu.astype(dtype) + w2 * tensor_ops.project(grad, bases) ** 2
+    old = state.mu.astype(dtype)
+    mu = old + w1 * (grad - old)
+    moment, second = mu, nu
+    if self.bias_correction:
+      t = step.astype(dtype)
+      moment = mu / (1 - jnp.asarray(self.b1, dtype) ** t)
+      second = nu / (1 - jnp.asarray(self.b2, dtype) ** t)
+    scale = second ** jnp.asarray(self._exponent(grad.ndim), dtype) + self.eps
+    direction = tensor_ops.unproject(tensor_ops.project(moment, bases) / scale, bases)
+    return direction, CorrectedState(mu.astype(state.mu.dtype), nu.astype(state.nu.dtype))
+
+  def rotate(
+    self,
+    state: CorrectedState,
+    old_bases: Bases,
+    new_bases: Bases,
+    permutations: Sequence[Any],
+    eigenvalues: Any = None,
+  ) -> CorrectedState:
+    """Nothing moves: ``M`` lives in parameter space and ``D`` is kept as it is (Distributed
+    Shampoo neither rotates nor permutes it when the basis changes)."""
+    del old_bases, new_bases, permutations, eigenvalues
+    return state
+
+
+def eigenvalue_corrected(
+  b1: Any = 0.9,
+  b2: Any = 0.999,
+  eps: Any = 1e-12,
+  *,
+  exponent: Any = 0.5,
+  bias_correction: bool = True,
+  dtype: Any = None,
+) -> EigenvalueCorrected:
+  """Distributed Shampoo's eigenvalue-corrected scaling (its SOAP,
+  ``EigenvalueCorrectedShampooPreconditionerConfig``).
+
+  .. math::
+
+    D \\leftarrow \\beta_2 D + (1-\\beta_2)\\,\\mathrm{proj}(G)^2,\\quad
+    M \\leftarrow \\beta_1 M + (1-\\beta_1) G,\\quad
+    U = \\mathrm{unproj}\\Big(\\frac{\\mathrm{proj}(\\hat M)}{\\hat D^{\\,e} + \\epsilon}\\Big)
+
+  with ``M̂ = M/(1-β₁ᵗ)``, ``D̂ = D/(1-β₂ᵗ)`` under bias correction and ``D`` updated in the
+  basis of this step (after a refresh, in the new one). Unlike :func:`adam` (SOAP), the first
+  moment is kept in parameter space and projected every step, ``ε`` is added after the bias
+  correction, and ``D`` is neither rotated nor permuted at a refresh.
+
+  Args:
+    b1: first-moment EMA weight in ``[0, 1)``.
+    b2: EMA weight of ``D`` in ``[0, 1)``.
+    eps: ``ε``, added to ``D̂^e``, ``>= 0``.
+    exponent: ``e``, a number or ``{order: e}`` (Distributed Shampoo's
+      ``inverse_exponent_override`` for this config; orders it does not name take ½).
+    bias_correction: divide ``M`` by ``1-β₁ᵗ`` and ``D`` by ``1-β₂ᵗ``.
+    dtype: storage dtype of ``M`` and ``D`` (default: the parameter's dtype).
+
+  Returns:
+    The scaling stage.
+  """
+  check_beta("b1", b1)
+  check_beta("b2", b2)
+  check_nonnegative("eps", eps)
+  _check_exponents(exponent)
+  return EigenvalueCorrected(b1, b2, eps, exponent, bias_correction, dtype)
 
 
 def resolve_exponent(exponents: Any, axis: int, order: int) -> Any:

@@ -5,6 +5,7 @@
 | Shampoo              | ``frobenius`` (bias-corr.) | ``eigh_every(T, ridge=ε)``  | ``kronecker_eigenvalues(inside)`` |
 | AdamW-style Shampoo  | same                     | same                          | exponents ``(a, b)``, ``a+b=½``   |
 | ``kl_factors=True``  | ``kl_roots`` (bias-corr.) | same, bases kept             | as above                         |
+| eigenvalue-corrected | ``frobenius`` (bias-corr.) | ``qr_algorithm_every``, or eigh ascending | ``eigenvalue_corrected`` |
 
 The order within a step follows Distributed Shampoo (facebookresearch/optimizers, the AlgoPerf
 winner): fold ``G`` into the factors, refresh the roots on due steps, then precondition the
@@ -172,6 +173,185 @@ def scale_by_shampoo(
   return grafting.graft(
     direction, magnitude, layout=layout, start_preconditioning_step=start, nonfinite=nonfinite
   )
+
+
+def scale_by_eigenvalue_corrected_shampoo(
+  b1: Any = 0.9,
+  b2: Any = 0.999,
+  eps: Any = 1e-8,
+  *,
+  exponent: Any = 0.5,
+  precondition_frequency: int = 10,
+  start_preconditioning_step: int | None = None,
+  refresh: str = "qr",
+  qr_iterations: int | None = None,
+  tolerance: Any = 0.0,
+  unrotated_axes: Mapping[int, Any] | None = None,
+  grafting_type: str | None = None,
+  graft_b2: Any = 0.999,
+  graft_eps: Any = 1e-8,
+  max_precond_dim: int = 1024,
+  precondition_1d: bool = True,
+  layout: LayoutConfig | None = None,
+  dtype: Any = None,
+  nonfinite: str = "skip",
+) -> optax.GradientTransformation:
+  """Distributed Shampoo's eigenvalue-corrected Shampoo (its SOAP: ``DefaultSOAPConfig``,
+  ``EigenvalueCorrectedShampooPreconditionerConfig``).
+
+  .. math::
+
+    L &\\leftarrow \\beta_2 L + (1-\\beta_2) G G^\\top,\\quad
+    Q_L \\leftarrow \\text{refresh}(L / (1-\\beta_2^t) + \\epsilon I)
+      \\ \\text{every}\\ T\\ \\text{steps} \\\\
+    D &\\leftarrow \\beta_2 D + (1-\\beta_2) (Q_L^\\top G Q_R)^2,\\qquad
+    U = Q_L \\frac{Q_L^\\top \\hat M Q_R}{\\hat D^{\\,e} + \\epsilon} Q_R^\\top
+
+  in that order within a step (statistics, refresh, then ``D`` and the direction in the new
+  basis), with ``M̂``, ``D̂`` bias-corrected. The bases start as the identity (Adam in
+  coordinates until ``start_preconditioning_step``); a refresh is one QR-algorithm step from the
+  previous basis (``refresh="qr"``, :func:`kl_precond.qr_algorithm_every`) or an eigh
+  (``"eigh"``), columns ascending. ``D`` is neither rotated nor permuted when the basis changes.
+  For the SOAP authors' algorithm (first basis by eigh, descending sort with ``V`` permuted,
+  ``M`` kept in the basis) use :func:`kl_precond.soap`.
+
+  Args:
+    b1: EMA weight of the first moment ``M`` (parameter space).
+    b2: EMA weight of the factors and of ``D``.
+    eps: ``ε``: the ridge of the refreshes and the term added to ``D̂^e``.
+    exponent: ``e`` (½), or ``{order: e}`` (Distributed Shampoo's ``inverse_exponent_override``
+      for this config).
+    precondition_frequency: ``T``, steps between refreshes (static).
+    start_preconditioning_step: first refresh (``None``: ``T``) (static).
+    refresh: ``"qr"`` (QR algorithm, warm-started) or ``"eigh"``.
+    qr_iterations: the most QR steps per refresh (``QREigendecompositionConfig.max_iterations``;
+      ``None``: 1) (static).
+    tolerance: skip (eigh) or stop (QR) where ``Qᵀ(L̂ + εI)Q`` is diagonal to this relative
+      tolerance (``EigendecompositionConfig.tolerance``).
+    unrotated_axes: ``{order: [axes]}``: axes of blocks of that order that keep the identity
+      basis (``ignored_basis_change_dims``).
+    grafting_type: ``None``, ``"adam"``, ``"rmsprop"``, ``"adagrad"`` or ``"sgd"``.
+    graft_b2: second-moment EMA weight of the grafting optimizer.
+    graft_eps: epsilon of the grafting optimizer.
+    max_precond_dim: axes longer than this are split into blocks of this size (static).
+    precondition_1d: give vectors a factor (Distributed Shampoo); otherwise they keep the
+      identity basis (this scaling in coordinates).
+    layout: a full :class:`LayoutConfig` instead of the default (blocking on).
+    dtype: storage dtype of all state; decompositions run in float32 or higher.
+    nonfinite: ``"skip"`` or ``"propagate"`` calls with NaN/Inf gradients.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", 2024,
+    https://arxiv.org/abs/2409.11321; George et al., "Fast Approximate Natural Gradient Descent
+    in a Kronecker-factored Eigenbasis", 2018; facebookresearch/optimizers
+    (``EigenvalueCorrectedShampooPreconditionerList``).
+  """
+  check_choice("refresh", refresh, ("qr", "eigh"))
+  check_choice("grafting_type", grafting_type, (None, "adam", "rmsprop", "adagrad", "sgd"))
+  check_frequency("precondition_frequency", precondition_frequency)
+  check_beta("graft_b2", graft_b2)
+  check_nonnegative("graft_eps", graft_eps)
+  start = start_preconditioning_step
+  start = int(precondition_frequency) if start is None else start
+  if layout is None:
+    layout = LayoutConfig(max_precond_dim, blocking=True, precondition_1d=precondition_1d)
+  if unrotated_axes:
+    unrotated = tuple((int(o), tuple(int(a) for a in axes)) for o, axes in unrotated_axes.items())
+    layout = dataclasses.replace(layout, unfactored_axes=unrotated)
+  if refresh == "qr":
+    basis = basis_lib.qr_algorithm_every(
+      precondition_frequency,
+      start=start,
+      ridge=eps,
+      iterations=1 if qr_iterations is None else qr_iterations,
+      tolerance=tolerance,
+      dtype=dtype,
+    )
+  else:
+    basis = basis_lib.eigh_every(
+      precondition_frequency,
+      start=start,
+      ridge=eps,
+      keep_eigenvalues=False,
+      ascending=True,
+      tolerance=tolerance,
+      dtype=dtype,
+    )
+  direction = preconditioner.scale_by_preconditioner(
+    estimators.frobenius(b2, bias_correction=True, dtype=dtype),
+    basis,
+    scaling.eigenvalue_corrected(b1, b2, eps, exponent=exponent, dtype=dtype),
+    layout=layout,
+    first_call="identity",
+    statistics_first=True,
+    nonfinite=nonfinite,
+  )
+  if grafting_type is None:
+    return direction
+  magnitude = grafting.graft_magnitude(grafting_type, b1, graft_b2, graft_eps, dtype=dtype)
+  return grafting.graft(
+    direction, magnitude, layout=layout, start_preconditioning_step=start, nonfinite=nonfinite
+  )
+
+
+def eigenvalue_corrected_shampoo(
+  learning_rate: optax.ScalarOrSchedule = 1e-3,
+  b1: Any = 0.9,
+  b2: Any = 0.999,
+  eps: Any = 1e-8,
+  weight_decay: Any = 0.0,
+  *,
+  mask: Any = None,
+  exponent: Any = 0.5,
+  precondition_frequency: int = 10,
+  start_preconditioning_step: int | None = None,
+  refresh: str = "qr",
+  qr_iterations: int | None = None,
+  tolerance: Any = 0.0,
+  unrotated_axes: Mapping[int, Any] | None = None,
+  grafting_type: str | None = None,
+  graft_b2: Any = 0.999,
+  graft_eps: Any = 1e-8,
+  max_precond_dim: int = 1024,
+  precondition_1d: bool = True,
+  layout: LayoutConfig | None = None,
+  dtype: Any = None,
+  nonfinite: str = "skip",
+) -> optax.GradientTransformation:
+  """Distributed Shampoo's eigenvalue-corrected Shampoo with decoupled weight decay:
+  ``W ← W - η(P + λW)``, ``P`` from :func:`scale_by_eigenvalue_corrected_shampoo` (after
+  grafting, as in Distributed Shampoo).
+
+  Args:
+    learning_rate: ``η``, a number or an optax schedule.
+    weight_decay: ``λ``.
+    mask: which parameters are decayed.
+    **others: as in :func:`scale_by_eigenvalue_corrected_shampoo`.
+  """
+  direction = scale_by_eigenvalue_corrected_shampoo(
+    b1,
+    b2,
+    eps,
+    exponent=exponent,
+    precondition_frequency=precondition_frequency,
+    start_preconditioning_step=start_preconditioning_step,
+    refresh=refresh,
+    qr_iterations=qr_iterations,
+    tolerance=tolerance,
+    unrotated_axes=unrotated_axes,
+    grafting_type=grafting_type,
+    graft_b2=graft_b2,
+    graft_eps=graft_eps,
+    max_precond_dim=max_precond_dim,
+    precondition_1d=precondition_1d,
+    layout=layout,
+    dtype=dtype,
+    nonfinite=nonfinite,
+  )
+  return _with_decay(direction, learning_rate, weight_decay, mask)
 
 
 def shampoo(

@@ -229,3 +229,80 @@ def distributed_shampoo_reference(
     w = w - lr * (direction + weight_decay * w)
     trajectory.append(w.copy())
   return trajectory
+
+
+def eigenvalue_corrected_reference(
+  init,
+  grads,
+  *,
+  lr,
+  b1,
+  b2,
+  eps,
+  weight_decay,
+  every,
+  start,
+  refresh="qr",
+  iterations=1,
+  tolerance=0.0,
+  exponent=0.5,
+  unrotated=(),
+  graft=None,
+):
+  """Distributed Shampoo's eigenvalue-corrected Shampoo (``DefaultSOAPConfig`` with
+  ``refresh="qr"``, ``EighEigendecompositionConfig`` with ``"eigh"``), one block per tensor,
+  written from the ``eigenvalue_corrected`` golden sidecar's ``semantics`` and Distributed
+  Shampoo's ``matrix_eigendecomposition``. ``unrotated``: axes that keep the identity basis.
+  Returns the parameter trajectory ``[W_0, W_1, ...]``."""
+  w = np.array(init, dtype=np.float64)
+  axes = [k for k in range(w.ndim) if k not in unrotated]
+  factors = {k: np.zeros((w.shape[k], w.shape[k])) for k in axes}
+  bases = [np.eye(d) if k in axes else None for k, d in enumerate(w.shape)]
+  corrected, m, v = np.zeros_like(w), np.zeros_like(w), np.zeros_like(w)
+
+  def diagonal_enough(b):
+    norm = np.linalg.norm(b)
+    with np.errstate(invalid="ignore"):
+      off = np.sqrt(norm**2 - np.linalg.norm(np.diag(b)) ** 2)
+    return bool(off <= tolerance * norm)
+
+  trajectory = [w.copy()]
+  for t, g in enumerate(grads, start=1):
+    g = np.asarray(g, np.float64)
+    for k in axes:
+      factors[k] = b2 * factors[k] + (1 - b2) * unfold(g, k) @ unfold(g, k).T
+    bc2 = 1 - b2**t
+    if (t % every == 0 and t > start) or t == start:
+      for k in axes:
+        a = factors[k] / bc2 + eps * np.eye(w.shape[k])
+        q = bases[k]
+        estimate = q.T @ a @ q
+        if refresh == "qr":
+          for _ in range(iterations):
+            if diagonal_enough(estimate):
+              break
+            rotation, upper = np.linalg.qr(estimate)
+            estimate = upper @ rotation
+            q = q @ rotation
+          order = np.argsort(np.diag(estimate), kind="stable")
+          bases[k] = q[:, order]
+        elif not (tolerance and diagonal_enough(estimate)):
+          _, bases[k] = np.linalg.eigh(a)
+    corrected = b2 * corrected + (1 - b2) * rotate(g, bases, transpose=True) ** 2
+    m = b1 * m + (1 - b1) * g
+    filtered = m / (1 - b1**t)
+    scaled = rotate(filtered, bases, transpose=True) / ((corrected / bc2) ** exponent + eps)
+    shampoo = rotate(scaled, bases, transpose=False)
+    if graft is None:
+      direction = shampoo
+    else:
+      graft_b2, graft_eps = graft
+      v = graft_b2 * v + (1 - graft_b2) * g**2
+      adam = filtered / (np.sqrt(v / (1 - graft_b2**t)) + graft_eps)
+      if t < start:
+        direction = adam
+      else:
+        direction = shampoo * np.linalg.norm(adam) / (np.linalg.norm(shampoo) + 1e-16)
+    w = w - lr * (direction + weight_decay * w)
+    trajectory.append(w.copy())
+  return trajectory

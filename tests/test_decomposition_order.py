@@ -76,6 +76,12 @@ METHODS = {
   "kl_shampoo": lambda: kp.kl_shampoo(1e-3, precondition_frequency=1),
   "shampoo": lambda: kp.shampoo(1e-3, precondition_frequency=1, precondition_1d=True),
   "adamw_shampoo": lambda: kp.adamw_shampoo(1e-3, precondition_frequency=1),
+  "eigenvalue_corrected_shampoo": lambda: kp.eigenvalue_corrected_shampoo(
+    1e-3, precondition_frequency=1
+  ),
+  "eigenvalue_corrected_shampoo (eigh)": lambda: kp.eigenvalue_corrected_shampoo(
+    1e-3, precondition_frequency=1, refresh="eigh"
+  ),
 }
 
 

@@ -36,6 +36,7 @@ METHODS = {
   "kl_shampoo": kp.kl_shampoo,
   "shampoo": kp.shampoo,
   "adamw_shampoo": kp.adamw_shampoo,
+  "eigenvalue_corrected_shampoo": kp.eigenvalue_corrected_shampoo,
 }
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Factors of full rank from the first gradient: a rank-deficient first basis is arbitrary in its
@@ -101,6 +102,14 @@ HYPERPARAMS = {
     **_COMMON,
     "eps": (1e-3, 1e-2),
     "exponents": (jnp.asarray([0.25, 0.25]), jnp.asarray([0.4, 0.1])),
+  },
+  "eigenvalue_corrected_shampoo": {
+    **_COMMON,
+    "eps": (1e-3, 1e-2),
+    "exponent": (0.5, 0.4),
+    "tolerance": (0.01, 0.02),
+    "graft_b2": (0.99, 0.9),
+    "graft_eps": (1e-6, 1e-3),
   },
 }
 SCHEDULE = optax.linear_schedule(3e-2, 1e-3, 5)
@@ -325,6 +334,7 @@ METHODS = {
   "kl_shampoo": kp.kl_shampoo,
   "shampoo": kp.shampoo,
   "adamw_shampoo": kp.adamw_shampoo,
+  "eigenvalue_corrected_shampoo": kp.eigenvalue_corrected_shampoo,
 }
 SAVE_AT, STOP = 3, 6
 

@@ -36,6 +36,7 @@ METHODS = {
   "kl_shampoo": kp.kl_shampoo,
   "shampoo": kp.shampoo,
   "adamw_shampoo": kp.adamw_shampoo,
+  "eigenvalue_corrected_shampoo": kp.eigenvalue_corrected_shampoo,
 }
 PARAMS = {"w": jnp.full((5, 3), 0.5), "b": jnp.full((3,), 0.5)}
 STEPS = 6

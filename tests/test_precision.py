@@ -32,6 +32,7 @@ METHODS = {
   "kl_shampoo": kp.kl_shampoo,
   "shampoo": kp.shampoo,
   "adamw_shampoo": kp.adamw_shampoo,
+  "eigenvalue_corrected_shampoo": kp.eigenvalue_corrected_shampoo,
 }
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 TRACKING_TOLERANCE = {jnp.bfloat16: 0.05, jnp.float16: 0.01}

@@ -34,6 +34,7 @@ METHODS = {
   "kl_shampoo": kp.kl_shampoo,
   "shampoo": kp.shampoo,
   "adamw_shampoo": kp.adamw_shampoo,
+  "eigenvalue_corrected_shampoo": kp.eigenvalue_corrected_shampoo,
 }
 PROFILE = settings(
   max_examples=10,
@@ -104,6 +105,18 @@ OPTIONS = {
     **_COMMON,
     **_EPS_MODE,
     "exponents": st.sampled_from([(0.25, 0.25), (0.5, 0.0), (0.0, 0.5), (0.1, 0.4)]),
+  },
+  "eigenvalue_corrected_shampoo": {
+    **_COMMON,
+    "exponent": st.sampled_from([0.5, 0.25, {2: 0.25}]),
+    "refresh": st.sampled_from(["qr", "eigh"]),
+    "qr_iterations": st.integers(1, 3),
+    "tolerance": st.sampled_from([0.0, 0.1]),
+    "start_preconditioning_step": st.none() | st.integers(0, 3),
+    "grafting_type": st.sampled_from([None, "adam", "rmsprop", "adagrad", "sgd"]),
+    "graft_b2": _BETA,
+    "graft_eps": _EPS,
+    "precondition_1d": st.booleans(),
   },
 }
 

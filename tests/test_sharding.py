@@ -42,7 +42,14 @@ STEPS = 20
 FREQUENCY = 3
 TOLERANCE = 1e-6  # updates
 STATE_TOLERANCE = 3e-5  # bases and moments in the eigenbasis (see the module docstring)
-OPTIMIZERS = ("soap", "kl_soap", "kl_shampoo", "shampoo", "adamw_shampoo")
+OPTIMIZERS = (
+  "soap",
+  "kl_soap",
+  "kl_shampoo",
+  "shampoo",
+  "adamw_shampoo",
+  "eigenvalue_corrected_shampoo",
+)
 # Shampoo's inverse roots of rank-deficient factors (a 16x16 factor of a bias after fewer than 16
 # steps, 24x24 from 10 columns) with eps=1e-12 turn float32 rounding (1e-7) into 1e-4 changes of
 # the update, whatever the device count; a larger ridge and no 1-D factor keep the comparison
@@ -50,6 +57,7 @@ OPTIMIZERS = ("soap", "kl_soap", "kl_shampoo", "shampoo", "adamw_shampoo")
 SETTINGS: dict[str, dict[str, Any]] = {
   "shampoo": {"eps": 1e-6, "precondition_1d": False},
   "adamw_shampoo": {"eps": 1e-6},
+  "eigenvalue_corrected_shampoo": {"eps": 1e-6, "precondition_1d": False},
 }
 AXIS_TYPES = (AxisType.Explicit, AxisType.Auto)
 HAS_PADDING = "bucket_multiple" in {f.name for f in dataclasses.fields(kp.LayoutConfig)}

@@ -24,12 +24,14 @@ METHODS = {
   "kl_shampoo": kp.kl_shampoo,
   "shampoo": kp.shampoo,
   "adamw_shampoo": kp.adamw_shampoo,
+  "eigenvalue_corrected_shampoo": kp.eigenvalue_corrected_shampoo,
 }
 SCALE_BY = {
   "soap": kp.scale_by_soap,
   "kl_soap": kp.scale_by_kl_soap,
   "kl_shampoo": kp.scale_by_kl_shampoo,
   "shampoo": kp.scale_by_shampoo,
+  "eigenvalue_corrected_shampoo": kp.scale_by_eigenvalue_corrected_shampoo,
 }
 ALL = tuple(METHODS)
 SOAP_AND_KL = ("soap", "kl_soap", "kl_shampoo")
@@ -53,7 +55,7 @@ REJECTED = (
   _cases("b1", ALL, BAD_BETAS)
   + _cases("b2", ALL, BAD_BETAS)
   + _cases("shampoo_beta", SOAP_AND_KL, BAD_BETAS)
-  + _cases("graft_b2", ["shampoo"], BAD_BETAS)
+  + _cases("graft_b2", ["shampoo", "eigenvalue_corrected_shampoo"], BAD_BETAS)
   + _cases("eps", ALL, (-1e-8, -1.0, math.nan))
   + _cases("graft_eps", ["shampoo"], (-1e-8,))
   + _cases("precondition_frequency", ALL, BAD_FREQUENCIES)
@@ -73,7 +75,13 @@ REJECTED = (
   + _cases("init_factor", KL, (0.0, -0.1))
   + _cases("max_clamp_value", KL, (0.0, -1.0))
   + _cases("damping", KL, (-1e-3,))
-  + _cases("start_preconditioning_step", ["shampoo"], (-1, 1.5, True))
+  + _cases(
+    "start_preconditioning_step", ["shampoo", "eigenvalue_corrected_shampoo"], (-1, 1.5, True)
+  )
+  + _cases("refresh", ["eigenvalue_corrected_shampoo"], ("QR", "power", None))
+  + _cases("qr_iterations", ["eigenvalue_corrected_shampoo"], (0, 1.5, True))
+  + _cases("tolerance", ["eigenvalue_corrected_shampoo"], (-0.1, 1.5, math.nan))
+  + _cases("exponent", ["eigenvalue_corrected_shampoo"], (-0.5,))
 )
 
 

@@ -1,0 +1,258 @@
+"""Distributed Shampoo's eigenvalue-corrected Shampoo (its SOAP):
+``scale_by_eigenvalue_corrected_shampoo`` against an independent float64 NumPy port, its stages
+(``qr_algorithm_every``, ``eigenvalue_corrected``), and the parity mapping of its configurations."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kl_precond as kp
+from kl_precond import parity
+from tests.numpy_reference import eigenvalue_corrected_reference
+
+
+@pytest.fixture(autouse=True)
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+CASES = {
+  "qr, one step": dict(shape=(6, 5), refresh="qr"),
+  "qr, three steps to tolerance 0.05, order 3": dict(
+    shape=(3, 4, 5), refresh="qr", iterations=3, tolerance=0.05
+  ),
+  "eigh": dict(shape=(5, 7), refresh="eigh"),
+  "eigh, tolerance 0.2": dict(shape=(5, 7), refresh="eigh", tolerance=0.2),
+  "adam grafting, exponent 1/4, axis 1 unrotated": dict(
+    shape=(6, 4), refresh="qr", graft=(0.99, 1e-8), exponent=0.25, unrotated=(1,)
+  ),
+  "vector (full-rank factor at the first refresh)": dict(shape=(3,), refresh="qr"),
+}
+
+
+def _trajectories(spec, seed=21, steps=14):
+  rng = np.random.default_rng(seed)
+  shape = spec["shape"]
+  init = rng.standard_normal(shape)
+  grads = [rng.standard_normal(shape) * (1.0 if t < 7 else 0.1) for t in range(steps)]
+  hyper = dict(lr=0.01, b1=0.9, b2=0.99, eps=1e-10, weight_decay=0.01, every=3, start=4)
+  expected = np.stack(
+    eigenvalue_corrected_reference(
+      init,
+      grads,
+      refresh=spec["refresh"],
+      iterations=spec.get("iterations", 1),
+      tolerance=spec.get("tolerance", 0.0),
+      exponent=spec.get("exponent", 0.5),
+      unrotated=spec.get("unrotated", ()),
+      graft=spec.get("graft"),
+      **hyper,
+    )
+  )
+  graft = spec.get("graft")
+  order = len(shape)
+  tx = kp.eigenvalue_corrected_shampoo(
+    hyper["lr"],
+    hyper["b1"],
+    hyper["b2"],
+    hyper["eps"],
+    hyper["weight_decay"],
+    exponent=spec.get("exponent", 0.5),
+    precondition_frequency=hyper["every"],
+    start_preconditioning_step=hyper["start"],
+    refresh=spec["refresh"],
+    qr_iterations=spec.get("iterations", 1),
+    tolerance=spec.get("tolerance", 0.0),
+    unrotated_axes={order: spec["unrotated"]} if spec.get("unrotated") else None,
+    grafting_type=None if graft is None else "adam",
+    graft_b2=0.999 if graft is None else graft[0],
+    graft_eps=1e-8 if graft is None else graft[1],
+  )
+  w = jnp.asarray(init)
+  state = tx.init({"w": w})
+  update = jax.jit(tx.update)
+  ours = [np.asarray(w)]
+  for g in grads:
+    u, state = update({"w": jnp.asarray(g)}, state, {"w": w})
+    w = w + u["w"]
+    ours.append(np.asarray(w))
+  return np.stack(ours), expected, state
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_a_numpy_port_of_distributed_shampoo(case):
+  ours, expected, _ = _trajectories(CASES[case])
+  displacement = np.max(np.abs(expected[-1] - expected[0]))
+  error = np.max(np.abs(ours - expected)) / displacement
+  assert error < 1e-11, error
+
+
+def test_the_options_change_the_trajectory():
+  """Each option the port is checked on moves the trajectory (so the test above can fail)."""
+  base, _, _ = _trajectories(CASES["qr, one step"])
+  for variant in (
+    dict(shape=(6, 5), refresh="eigh"),
+    dict(shape=(6, 5), refresh="qr", iterations=3),
+    dict(shape=(6, 5), refresh="qr", exponent=0.25),
+    dict(shape=(6, 5), refresh="qr", unrotated=(1,)),
+  ):
+    other, _, _ = _trajectories(variant)
+    assert np.max(np.abs(other - base)) > 1e-6, variant
+
+
+def test_second_moment_is_neither_rotated_nor_permuted_at_a_refresh():
+  """Between the calls around a refresh, D changes only by its EMA (no rotation, no sort)."""
+  rng = np.random.default_rng(22)
+  tx = kp.scale_by_eigenvalue_corrected_shampoo(
+    0.9, 0.5, 1e-10, precondition_frequency=3, start_preconditioning_step=3
+  )
+  params = {"w": jnp.zeros((5, 4))}
+  state = tx.init(params)
+  for _ in range(3):  # calls 1-3; call 3 refreshes
+    before = state.buckets[0]
+    grad = jnp.asarray(rng.standard_normal((5, 4)))
+    _, state = tx.update({"w": grad}, state, params)
+  after = state.buckets[0]
+  assert not np.allclose(after.basis.bases[0], before.basis.bases[0])  # call 3 refreshed
+  # D was updated with the gradient projected in the NEW basis, from the OLD D unmoved.
+  projected = after.basis.bases[0][0].T @ grad @ after.basis.bases[1][0]
+  np.testing.assert_allclose(
+    after.scaling.nu[0], 0.5 * before.scaling.nu[0] + 0.5 * projected**2, rtol=1e-12
+  )
+
+
+def test_qr_algorithm_converges_to_the_eigenbasis():
+  """Many QR steps from the identity: the Rayleigh quotients become the eigenvalues, sorted."""
+  rng = np.random.default_rng(23)
+  x = rng.standard_normal((6, 6))
+  factor = x @ x.T + np.diag(np.arange(6.0))
+  stage = kp.qr_algorithm_every(1, iterations=200, tolerance=1e-13)
+  state = stage.init((6,), (True,), jnp.float64)
+  new, permutations, failed = stage.refresh((jnp.asarray(factor),), state)
+  q = np.asarray(new.bases[0])
+  assert permutations == (None,) and not bool(failed)
+  np.testing.assert_allclose(np.diag(q.T @ factor @ q), np.linalg.eigvalsh(factor), rtol=1e-9)
+
+
+def test_bad_options_are_refused():
+  with pytest.raises(ValueError, match="iterations"):
+    kp.qr_algorithm_every(3, iterations=0)
+  with pytest.raises(ValueError, match="tolerance"):
+    kp.qr_algorithm_every(3, tolerance=1.5)
+  with pytest.raises(ValueError, match="refresh"):
+    kp.scale_by_eigenvalue_corrected_shampoo(refresh="power")
+  with pytest.raises(ValueError, match="exponents"):
+    kp.eigenvalue_corrected(exponent=-0.5)
+  with pytest.raises(ValueError, match="keep_bases"):
+    kp.eigh_every(3, keep_bases=False, tolerance=0.1)
+
+
+def _synthetic_golden(tmp_path, kwargs, trajectory_fn):
+  rng = np.random.default_rng(24)
+  shapes = {"w_6x5": (6, 5), "t_3x4x2": (3, 4, 2), "b_4": (4,)}
+  arrays = {"param_names": np.array(list(shapes))}
+  for name, shape in shapes.items():
+    init = rng.standard_normal(shape)
+    grads = np.stack([rng.standard_normal(shape) for _ in range(12)])
+    trajectory = np.stack(trajectory_fn(init, list(grads)))
+    arrays |= {
+      f"init/{name}": init,
+      f"grads/{name}": grads,
+      f"params/{name}": trajectory,
+      f"params_default64/{name}": trajectory,
+    }
+  path = tmp_path / "synthetic.npz"
+  np.savez(path, **arrays)
+  sidecar = {
+    "reference": {"class": "distributed_shampoo.DistributedShampoo"},
+    "constructor_kwargs": kwargs,
+  }
+  path.with_suffix(".json").write_text(json.dumps(sidecar))
+  return path
+
+
+META = {
+  "lr": 0.01,
+  "betas": [0.9, 0.999],
+  "epsilon": 1e-12,
+  "weight_decay": 0.01,
+  "weight_decay_type": "WeightDecayType.DECOUPLED",
+  "max_preconditioner_dim": 256,
+  "precondition_frequency": 3,
+  "start_preconditioning_step": 5,
+  "use_bias_correction": True,
+  "distributed_config": "SingleDeviceDistributedConfig(target_parameter_dimensionality=math.inf)",
+  "beta3": -1.0,
+}
+
+
+@pytest.mark.parametrize(
+  "config, grafting, options",
+  [
+    ("DefaultSOAPConfig", "None", dict(refresh="qr")),
+    (
+      "EigenvalueCorrectedShampooPreconditionerConfig(amortized_computation_config="
+      "QREigendecompositionConfig(max_iterations=2, tolerance=0.01), "
+      "factor_matrix_dtype=torch.float64)",
+      "AdamPreconditionerConfig(beta2=0.999, epsilon=1e-08)",
+      dict(refresh="qr", iterations=2, tolerance=0.01, graft=(0.999, 1e-8)),
+    ),
+    (
+      "EigenvalueCorrectedShampooPreconditionerConfig(inverse_exponent_override={2: 0.25, 1: 0.5})",
+      "None",
+      dict(refresh="eigh", exponent={2: 0.25, 1: 0.5, 3: 0.5}),
+    ),
+  ],
+  ids=["DefaultSOAPConfig", "QR two steps, adam grafting", "eigh, exponent override"],
+)
+def test_parity_maps_eigenvalue_corrected_configurations(tmp_path, config, grafting, options):
+  kwargs = dict(META, preconditioner_config=config, grafting_config=grafting)
+  exponents = options.pop("exponent", {1: 0.5, 2: 0.5, 3: 0.5})
+
+  def port(init, grads):
+    return eigenvalue_corrected_reference(
+      init,
+      grads,
+      lr=float(np.float32(0.01)),
+      b1=0.9,
+      b2=0.999,
+      eps=1e-12,
+      weight_decay=0.01,
+      every=3,
+      start=5,
+      exponent=exponents[np.ndim(init)],
+      **options,
+    )
+
+  path = _synthetic_golden(tmp_path, kwargs, port)
+  records = parity.check(path)
+  for name, record in records.items():
+    assert record["judged"], name
+    assert record["error_x64"] < 1e-10, (name, record)
+
+
+@pytest.mark.parametrize(
+  "config",
+  [
+    "EigenvalueCorrectedShampooPreconditionerConfig(drop_weighting_factor_on_gsquare=True)",
+    "RootInvShampooPreconditionerConfig(use_trace_scaling=True)",
+    "RootInvShampooPreconditionerConfig(amortized_computation_config=CoupledNewtonConfig())",
+    "EigenvalueCorrectedShampooPreconditionerConfig(amortized_computation_config="
+    "EighEigendecompositionConfig(rank_deficient_stability_config=PseudoInverseConfig()))",
+    "RootInvShampooPreconditionerConfig(some_new_option=1)",
+    "EigendecomposedShampooPreconditionerConfig()",
+  ],
+)
+def test_configurations_without_an_equivalent_are_refused(config):
+  sidecar = {
+    "reference": {"class": "distributed_shampoo.DistributedShampoo"},
+    "constructor_kwargs": dict(META, preconditioner_config=config, grafting_config="None"),
+  }
+  with pytest.raises(parity.Unsupported):
+    parity.recipe(sidecar)
