@@ -179,7 +179,7 @@ LEARNING_RATE = 1e-4  # small enough that no run diverges (kl_precond skips non-
 
 # Methods whose axes longer than max_precond_dim are split into blocks by default; the others
 # (SOAP, the KL methods, as upstream SOAP) leave such an axis unrotated unless ``blocks=True``.
-BLOCKING_BY_DEFAULT = ("shampoo", "adamw_shampoo")
+BLOCKING_BY_DEFAULT = ("shampoo", "adamw_shampoo", "eigenvalue_corrected_shampoo")
 
 
 def make_optimizer(
