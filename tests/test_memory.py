@@ -73,3 +73,18 @@ def test_state_dtype_option_sets_the_bytes(dtype, params):
   assert {x.dtype for x in arrays} == {jnp.dtype(dtype)}
   expected = sum(m * n + 2 * (m * m + n * n) + (m + n) for m, n in SHAPES)
   assert sum(x.nbytes for x in arrays) == expected * jnp.dtype(dtype).itemsize
+
+
+def test_eigenvalue_corrected_state_is_soaps(params):
+  """``M``, ``D`` (2N), factors and bases: SOAP's count (no eigenvalues stored)."""
+  state = kp.eigenvalue_corrected_shampoo(1e-3).init(params)
+  expected = sum(2 * m * n + 2 * (m * m + n * n) for m, n in SHAPES)
+  assert _per_block_elements(state) == expected
+
+
+def test_kl_factors_keep_the_bases_beside_the_roots(params):
+  """Shampoo with ``kl_factors``: the whitening needs the bases, so they are stored with the
+  roots (as ``store_bases=True``)."""
+  state = kp.shampoo(1e-3, kl_factors=True).init(params)
+  expected = sum(3 * m * n + 3 * (m * m + n * n) + (m + n) for m, n in SHAPES)
+  assert _per_block_elements(state) == expected
