@@ -267,9 +267,11 @@ class Refresh:
     only).
     """
     bases: list[jax.Array | None] = []
-    for factor, basis in zip(factors, state.bases, strict=True):
+    values: list[jax.Array | None] = []
+    for factor, basis, old_values in zip(factors, state.bases, state.eigenvalues, strict=True):
       if factor is None or basis is None:
         bases.append(None)
+        values.append(None)
         continue
       factor = tensor_ops.after(factor, bases)  # one decomposition at a time (tensor_ops.after)
       ridged = self._ridged(factor)
@@ -287,7 +289,8 @@ class Refresh:
       estimates = jnp.sum(current * power, axis=0)  # diag(QᵀAQ)
       order = jnp.argsort(estimates if self.ascending else -estimates, stable=True)
       bases.append(current[:, order].astype(basis.dtype))
-    return BasisState(tuple(bases), state.eigenvalues)
+      values.append(None if old_values is None else self._floor(estimates[order], old_values.dtype))
+    return BasisState(tuple(bases), tuple(values))
 
   def _keep_if_failed(self, new: BasisState, old: BasisState) -> tuple[BasisState, jax.Array]:
     """The previous state where the new one is not finite. Without stored bases only the
@@ -426,6 +429,8 @@ def qr_algorithm_every(
   iterations: int = 1,
   tolerance: Any = 0.0,
   ascending: bool = True,
+  keep_eigenvalues: bool = False,
+  eigenvalue_floor: Any = None,
   dtype: Any = None,
 ) -> Refresh:
   """Refresh by steps of the QR algorithm warm-started from the previous basis, every ``every``
@@ -451,6 +456,10 @@ def qr_algorithm_every(
     tolerance: stop when the estimate is diagonal to this relative tolerance (0: run them all
       unless ``B`` is exactly diagonal), in ``[0, 1]``.
     ascending: sort the columns by ascending estimate (Distributed Shampoo); else descending.
+    keep_eigenvalues: store ``diag(B)`` (of the ridged factor) as the eigenvalues, for scalings
+      that use them (Distributed Shampoo's ``EigendecomposedShampooPreconditionerConfig`` with
+      ``QREigendecompositionConfig``: Shampoo's roots from the estimates).
+    eigenvalue_floor: as in :func:`eigh_every`, on the stored estimates.
     dtype: storage dtype of the bases (default: the parameter's dtype).
 
   Returns:
@@ -464,10 +473,14 @@ def qr_algorithm_every(
     isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1
   ):
     raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}.")
+  if eigenvalue_floor is not None:
+    check_nonnegative("eigenvalue_floor", eigenvalue_floor)
   return Refresh(
     every,
     "qr_algorithm",
     False,
+    keep_eigenvalues=bool(keep_eigenvalues),
+    eigenvalue_floor=eigenvalue_floor,
     dtype=dtype,
     start=start,
     ridge=ridge,

@@ -272,6 +272,16 @@ _META_ALIASES = {
   ),
 }
 _ROOT_INVERSE = ("RootInvShampooPreconditionerConfig", "RootInvKLShampooPreconditionerConfig")
+# Roots from stored eigenpairs: the same roots as root-inverse with eigh; or from the QR
+# algorithm's estimates (``scale_by_shampoo(refresh="qr")``).
+_EIGENDECOMPOSED = (
+  "EigendecomposedShampooPreconditionerConfig",
+  "EigendecomposedKLShampooPreconditionerConfig",
+)
+_KL_CONFIGS = (
+  "RootInvKLShampooPreconditionerConfig",
+  "EigendecomposedKLShampooPreconditionerConfig",
+)
 _EIGENVALUE_CORRECTED = "EigenvalueCorrectedShampooPreconditionerConfig"
 # Options of the preconditioner configs that change nothing a float64 replay can see (dtypes,
 # storage, failure tolerance) or that are mapped below.
@@ -281,6 +291,7 @@ _META_CONFIG_OPTIONS = {
   "factor_matrix_dtype",
   "inv_factor_matrix_dtype",
   "factor_matrix_eigenvectors_dtype",
+  "factor_matrix_eigenvalues_dtype",
   "corrected_eigenvalues_dtype",
   "use_symmetric_packing",
   "inverse_exponent_override",
@@ -300,10 +311,11 @@ def _meta_preconditioner(text: str | None) -> tuple[str, dict[str, Any]]:
   else:
     parsed, options = _parse_call(source)
     config = str(parsed)
-  if config not in (*_ROOT_INVERSE, _EIGENVALUE_CORRECTED):
+  if config not in (*_ROOT_INVERSE, *_EIGENDECOMPOSED, _EIGENVALUE_CORRECTED):
     raise Unsupported(
-      f"preconditioner_config {config} has no kl_precond equivalent (root-inverse Shampoo and "
-      "KL-Shampoo, eigenvalue-corrected Shampoo; see the README's method table)"
+      f"preconditioner_config {config} has no kl_precond equivalent (root-inverse and "
+      "eigendecomposed Shampoo and KL-Shampoo, eigenvalue-corrected Shampoo; see the README's "
+      "method table)"
     )
   unknown = set(options) - _META_CONFIG_OPTIONS
   if unknown:
@@ -323,7 +335,7 @@ def _meta_decomposition(config: str, text: Any) -> tuple[str, int, float]:
     source = "EigenConfig()" if source == "DefaultEigenConfig" else "EighEigendecompositionConfig()"
   name, options = _parse_call(source)
   kinds = {"EigenConfig": "eigh", "EighEigendecompositionConfig": "eigh"}
-  if config == _EIGENVALUE_CORRECTED:
+  if config not in _ROOT_INVERSE:
     kinds["QREigendecompositionConfig"] = "qr"
   if name not in kinds:
     raise Unsupported(f"amortized_computation_config {name} has no kl_precond equivalent")
@@ -387,7 +399,7 @@ def _meta_recipe(kwargs: dict[str, Any]) -> Recipe:
     )
     replay_layout = layout
   else:
-    if tolerance:
+    if tolerance and config in _ROOT_INVERSE:
       raise Unsupported("a root-inverse eigh with tolerance > 0 has no kl_precond equivalent")
     exponents = options.get("inverse_exponent_override") or None
     transform = shampoo_family.scale_by_shampoo(
@@ -398,7 +410,10 @@ def _meta_recipe(kwargs: dict[str, Any]) -> Recipe:
       precondition_frequency=frequency,
       start_preconditioning_step=start,
       layout=layout,
-      kl_factors=config == "RootInvKLShampooPreconditionerConfig",
+      kl_factors=config in _KL_CONFIGS,
+      refresh=refresh,
+      qr_iterations=iterations,
+      tolerance=tolerance,
       grafting_type=kind,
       graft_b2=graft_b2,
       graft_eps=graft_eps,

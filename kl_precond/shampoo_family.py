@@ -5,6 +5,7 @@
 | Shampoo              | ``frobenius`` (bias-corr.) | ``eigh_every(T, ridge=ε)``  | ``kronecker_eigenvalues(inside)`` |
 | AdamW-style Shampoo  | same                     | same                          | exponents ``(a, b)``, ``a+b=½``   |
 | ``kl_factors=True``  | ``kl_roots`` (bias-corr.) | same, bases kept             | as above                         |
+| ``refresh="qr"``     | as above                 | ``qr_algorithm_every`` + estimates | as above                    |
 | eigenvalue-corrected | ``frobenius`` (bias-corr.) | ``qr_algorithm_every``, or eigh ascending | ``eigenvalue_corrected`` |
 
 The order within a step follows Distributed Shampoo (facebookresearch/optimizers, the AlgoPerf
@@ -26,6 +27,10 @@ from kl_precond import estimators, grafting, preconditioner, scaling
 from kl_precond._validation import check_beta, check_choice, check_frequency, check_nonnegative
 from kl_precond.alias import _with_decay
 from kl_precond.layout import LayoutConfig
+
+
+def _is_zero(value: Any) -> bool:
+  return isinstance(value, (int, float)) and value == 0
 
 
 def _unfactored_axes(exponents: Any) -> tuple[tuple[int, tuple[int, ...]], ...]:
@@ -66,6 +71,9 @@ def scale_by_shampoo(
   cache_roots: bool = True,
   store_bases: bool = False,
   kl_factors: bool = False,
+  refresh: str = "eigh",
+  qr_iterations: int | None = None,
+  tolerance: Any = 0.0,
 ) -> optax.GradientTransformation:
   """Shampoo with inverse roots from eigh and optional grafting (Gupta et al. 2018; Shi et al.).
 
@@ -118,6 +126,16 @@ def scale_by_shampoo(
       other axes by their current roots, ``L ← β₂L + (1-β₂) G R̂^(-2b) Gᵀ`` for a matrix
       (:func:`kl_precond.kl_roots`); everything else as above. Stores the bases (the whitening
       uses them). For the KL-Shampoo authors' method, use :func:`kl_precond.kl_shampoo`.
+    refresh: ``"eigh"`` (default), or ``"qr"``: the roots from the QR algorithm warm-started
+      from the previous bases, ``qr_iterations`` steps per refresh, with the Rayleigh quotients
+      ``diag(Qᵀ(L̂+εI)Q)`` as eigenvalues (Distributed Shampoo's
+      ``EigendecomposedShampooPreconditionerConfig(amortized_computation_config=
+      QREigendecompositionConfig())``). Approximate roots; each refresh costs a QR and two
+      products per factor instead of an eigh. Stores the bases.
+    qr_iterations: the most QR steps per refresh (``None``: 1) (static).
+    tolerance: keep a block's basis (eigh) or stop iterating (QR) where ``Qᵀ(L̂+εI)Q`` is
+      diagonal to this relative tolerance (``EigendecompositionConfig.tolerance``); stores the
+      bases when nonzero.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -129,6 +147,7 @@ def scale_by_shampoo(
   """
   check_choice("grafting_type", grafting_type, (None, "adam", "rmsprop", "adagrad", "sgd"))
   check_choice("eps_mode", eps_mode, ("ridge", "relative"))
+  check_choice("refresh", refresh, ("eigh", "qr"))
   check_frequency("precondition_frequency", precondition_frequency)
   check_beta("graft_b2", graft_b2)
   check_nonnegative("graft_eps", graft_eps)
@@ -139,19 +158,35 @@ def scale_by_shampoo(
   unfactored = _unfactored_axes(exponents)
   if unfactored:
     layout = dataclasses.replace(layout, unfactored_axes=unfactored)
-  direction = preconditioner.scale_by_preconditioner(
-    estimators.kl_roots(b2, exponents=exponents, dtype=dtype)
-    if kl_factors
-    else estimators.frobenius(b2, bias_correction=True, dtype=dtype),
-    basis_lib.eigh_every(
+  if refresh == "qr":
+    if eps_mode == "relative":
+      raise ValueError("refresh='qr' takes eps_mode='ridge' (a relative ridge needs λ_max).")
+    basis = basis_lib.qr_algorithm_every(
+      precondition_frequency,
+      start=start,
+      ridge=eps,
+      iterations=1 if qr_iterations is None else qr_iterations,
+      tolerance=tolerance,
+      keep_eigenvalues=True,
+      eigenvalue_floor=eps,
+      dtype=dtype,
+    )
+  else:
+    basis = basis_lib.eigh_every(
       precondition_frequency,
       start=start,
       ridge=eps,
       relative_ridge=eps_mode == "relative",
       eigenvalue_floor=eps,
-      keep_bases=store_bases or not cache_roots or kl_factors,
+      keep_bases=store_bases or not cache_roots or kl_factors or not _is_zero(tolerance),
+      tolerance=tolerance,
       dtype=dtype,
-    ),
+    )
+  direction = preconditioner.scale_by_preconditioner(
+    estimators.kl_roots(b2, exponents=exponents, dtype=dtype)
+    if kl_factors
+    else estimators.frobenius(b2, bias_correction=True, dtype=dtype),
+    basis,
     scaling.kronecker_eigenvalues(
       b1,
       0.0,
@@ -377,6 +412,9 @@ def shampoo(
   cache_roots: bool = True,
   store_bases: bool = False,
   kl_factors: bool = False,
+  refresh: str = "eigh",
+  qr_iterations: int | None = None,
+  tolerance: Any = 0.0,
 ) -> optax.GradientTransformation:
   """Shampoo with decoupled weight decay: ``W ← W - η(P + λW)``, ``P`` from
   :func:`scale_by_shampoo` (after grafting, as in Distributed Shampoo).
@@ -406,6 +444,9 @@ def shampoo(
     cache_roots=cache_roots,
     store_bases=store_bases,
     kl_factors=kl_factors,
+    refresh=refresh,
+    qr_iterations=qr_iterations,
+    tolerance=tolerance,
   )
   return _with_decay(direction, learning_rate, weight_decay, mask)
 
@@ -429,6 +470,9 @@ def adamw_shampoo(
   cache_roots: bool = True,
   store_bases: bool = False,
   kl_factors: bool = False,
+  refresh: str = "eigh",
+  qr_iterations: int | None = None,
+  tolerance: Any = 0.0,
 ) -> optax.GradientTransformation:
   """AdamW-style Shampoo: exponents ``(a, b)`` with ``a + b = 1/2``, decoupled weight decay.
 
@@ -463,6 +507,9 @@ def adamw_shampoo(
     cache_roots: as in :func:`scale_by_shampoo`.
     store_bases: as in :func:`scale_by_shampoo`.
     kl_factors: as in :func:`scale_by_shampoo`.
+    refresh: as in :func:`scale_by_shampoo`.
+    qr_iterations: as in :func:`scale_by_shampoo`.
+    tolerance: as in :func:`scale_by_shampoo`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -499,5 +546,8 @@ def adamw_shampoo(
     cache_roots=cache_roots,
     store_bases=store_bases,
     kl_factors=kl_factors,
+    refresh=refresh,
+    qr_iterations=qr_iterations,
+    tolerance=tolerance,
   )
   return _with_decay(direction, learning_rate, weight_decay, mask)

@@ -174,9 +174,15 @@ def distributed_shampoo_reference(
   kl=False,
   graft=None,
   exponents=None,
+  refresh="eigh",
+  iterations=1,
+  tolerance=0.0,
 ):
   """Distributed Shampoo's root-inverse Shampoo (``kl=True``: its simplified KL-Shampoo), one
-  block per tensor, written from the golden sidecars' ``semantics`` (shared/golden).
+  block per tensor, written from the golden sidecars' ``semantics`` (shared/golden). With
+  ``refresh="qr"`` or a ``tolerance``: its ``EigendecomposedShampooPreconditionerConfig``, whose
+  eigenpairs come from ``matrix_eigendecomposition`` (QR algorithm warm-started from the stored
+  eigenvectors, or eigh skipped where they already diagonalise the factor to the tolerance).
 
   ``init``: one array; ``grads``: a list of arrays. ``graft``: ``None`` or Adam grafting's
   ``(beta2, epsilon)``. ``exponents``: per-axis root exponents (default ``1/(2·order)``; ``0``:
@@ -190,7 +196,15 @@ def distributed_shampoo_reference(
   axes = [k for k in range(order) if exponents[k] != 0]
   factors = {k: np.zeros((w.shape[k], w.shape[k])) for k in axes}
   inverse = {k: np.eye(w.shape[k]) for k in axes}
+  vectors_of = {k: np.eye(w.shape[k]) for k in axes}
   m, v = np.zeros_like(w), np.zeros_like(w)
+
+  def diagonal_enough(b):
+    norm = np.linalg.norm(b)
+    with np.errstate(invalid="ignore"):
+      off = np.sqrt(norm**2 - np.linalg.norm(np.diag(b)) ** 2)
+    return bool(off <= tolerance * norm)
+
   trajectory = [w.copy()]
   for t, g in enumerate(grads, start=1):
     g = np.asarray(g, np.float64)
@@ -207,7 +221,22 @@ def distributed_shampoo_reference(
     if (t % every == 0 and t > start) or t == start:
       for k in axes:
         a = factors[k] / (1 - b2**t) + eps * np.eye(w.shape[k])
-        lam, vectors = np.linalg.eigh(a)
+        q = vectors_of[k]
+        estimate = q.T @ a @ q
+        if refresh == "qr":
+          for _ in range(iterations):
+            if diagonal_enough(estimate):
+              break
+            rotation, upper = np.linalg.qr(estimate)
+            estimate = upper @ rotation
+            q = q @ rotation
+          order = np.argsort(np.diag(estimate), kind="stable")
+          lam, vectors = np.diag(estimate)[order], q[:, order]
+        elif tolerance and diagonal_enough(estimate):
+          lam, vectors = np.diag(estimate), q
+        else:
+          lam, vectors = np.linalg.eigh(a)
+        vectors_of[k] = vectors
         if lam.min() < eps:
           lam = lam - lam.min() + eps
         inverse[k] = vectors @ np.diag(lam ** -exponents[k]) @ vectors.T

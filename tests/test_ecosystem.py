@@ -97,11 +97,13 @@ HYPERPARAMS = {
     "graft_b2": (0.99, 0.9),
     "graft_eps": (1e-6, 1e-3),
     "exponents": (0.3, 0.2),
+    "tolerance": (0.01, 0.02),
   },
   "adamw_shampoo": {
     **_COMMON,
     "eps": (1e-3, 1e-2),
     "exponents": (jnp.asarray([0.25, 0.25]), jnp.asarray([0.4, 0.1])),
+    "tolerance": (0.01, 0.02),
   },
   "eigenvalue_corrected_shampoo": {
     **_COMMON,

@@ -246,7 +246,8 @@ def test_parity_maps_eigenvalue_corrected_configurations(tmp_path, config, graft
     "EigenvalueCorrectedShampooPreconditionerConfig(amortized_computation_config="
     "EighEigendecompositionConfig(rank_deficient_stability_config=PseudoInverseConfig()))",
     "RootInvShampooPreconditionerConfig(some_new_option=1)",
-    "EigendecomposedShampooPreconditionerConfig()",
+    "SpectralDescentPreconditionerConfig()",
+    "RootInvShampooPreconditionerConfig(amortized_computation_config=QREigendecompositionConfig())",
   ],
 )
 def test_configurations_without_an_equivalent_are_refused(config):

@@ -157,7 +157,7 @@ def test_a_gradient_that_whitening_would_overflow_is_skipped():
     assert results[True] == (1, True)
 
 
-def _synthetic_golden(tmp_path, constructor_kwargs, kl, graft):
+def _synthetic_golden(tmp_path, constructor_kwargs, kl, graft, **port):
   """A golden file in the shared layout whose trajectory is the NumPy port's."""
   rng = np.random.default_rng(13)
   shapes = {"w_6x5": (6, 5), "t_3x4x2": (3, 4, 2), "b_4": (4,)}
@@ -178,6 +178,7 @@ def _synthetic_golden(tmp_path, constructor_kwargs, kl, graft):
         start=constructor_kwargs["start_preconditioning_step"],
         kl=kl,
         graft=graft,
+        **port,
       )
     )
     arrays[f"init/{name}"] = init
@@ -241,3 +242,63 @@ def test_parity_maps_distributed_shampoos_kl_configurations(tmp_path, grafting):
     )
   )
   assert max(r["error_x64"] for r in parity.check(path).values()) > 1e-6
+
+
+@pytest.mark.parametrize(
+  "config, grafting, port",
+  [
+    (
+      "EigendecomposedShampooPreconditionerConfig(factor_matrix_dtype=torch.float64)",
+      "AdamPreconditionerConfig(beta2=0.999, epsilon=1e-08)",
+      dict(kl=False, graft=(0.999, 1e-8)),
+    ),
+    (
+      "EigendecomposedShampooPreconditionerConfig(amortized_computation_config="
+      "QREigendecompositionConfig(max_iterations=2, tolerance=0.01))",
+      "None",
+      dict(kl=False, graft=None, refresh="qr", iterations=2, tolerance=0.01),
+    ),
+    (
+      "EigendecomposedKLShampooPreconditionerConfig(amortized_computation_config="
+      "QREigendecompositionConfig())",
+      "AdamPreconditionerConfig(beta2=0.999, epsilon=1e-08)",
+      dict(kl=True, graft=(0.999, 1e-8), refresh="qr"),
+    ),
+    (
+      "EigendecomposedShampooPreconditionerConfig(amortized_computation_config="
+      "EighEigendecompositionConfig(tolerance=0.05))",
+      "None",
+      dict(kl=False, graft=None, tolerance=0.05),
+    ),
+  ],
+  ids=["eigh, adam grafting", "QR two steps", "KL, QR, adam grafting", "eigh, tolerance"],
+)
+def test_parity_maps_distributed_shampoos_eigendecomposed_configurations(
+  tmp_path, config, grafting, port
+):
+  """Roots from stored eigenpairs: eigh (the root-inverse roots), or the QR algorithm's
+  Rayleigh quotients (``scale_by_shampoo(refresh="qr")``), against the NumPy port."""
+  kwargs = {
+    "lr": 0.01,
+    "betas": [0.9, 0.999],
+    "epsilon": 1e-12,
+    "weight_decay": 0.01,
+    "max_preconditioner_dim": 256,
+    "precondition_frequency": 3,
+    "start_preconditioning_step": 5,
+    "preconditioner_config": config,
+    "grafting_config": grafting,
+    "distributed_config": "SingleDeviceDistributedConfig(target_parameter_dimensionality=math.inf)",
+  }
+  path = _synthetic_golden(tmp_path, kwargs, **port)
+  records = parity.check(path)
+  for name, record in records.items():
+    assert record["judged"], name
+    assert record["error_x64"] < 1e-10, (name, record)
+
+
+def test_a_qr_refresh_needs_an_absolute_ridge():
+  with pytest.raises(ValueError, match="eps_mode"):
+    kp.shampoo(refresh="qr", eps_mode="relative")
+  with pytest.raises(ValueError, match="iterations"):
+    kp.shampoo(refresh="qr", qr_iterations=0)

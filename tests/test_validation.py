@@ -78,7 +78,8 @@ REJECTED = (
   + _cases(
     "start_preconditioning_step", ["shampoo", "eigenvalue_corrected_shampoo"], (-1, 1.5, True)
   )
-  + _cases("refresh", ["eigenvalue_corrected_shampoo"], ("QR", "power", None))
+  + _cases("refresh", ["eigenvalue_corrected_shampoo", *SHAMPOO], ("QR", "power", None))
+  + _cases("tolerance", SHAMPOO, (-0.1, 1.5))
   + _cases("qr_iterations", ["eigenvalue_corrected_shampoo"], (0, 1.5, True))
   + _cases("tolerance", ["eigenvalue_corrected_shampoo"], (-0.1, 1.5, math.nan))
   + _cases("exponent", ["eigenvalue_corrected_shampoo"], (-0.5,))
