@@ -189,7 +189,8 @@ def make_optimizer(
   learning_rate: float = LEARNING_RATE,
   blocks: bool = False,
 ) -> optax.GradientTransformation:
-  """The named optimizer; ``LookupError`` if this version of kl_precond lacks it.
+  """The named optimizer; ``LookupError`` if this version of kl_precond lacks it. ``shampoo+qr``
+  and ``adamw_shampoo+qr`` take ``refresh="qr"``.
 
   ``blocks=True``: every axis longer than ``max_precond_dim`` is split into blocks of at most
   that size, for every method (the Shampoo variants do this anyway; SOAP and the KL methods get
@@ -201,6 +202,12 @@ def make_optimizer(
   import kl_precond as kp
 
   options: dict[str, Any] = {"precondition_frequency": frequency}
+  # ``shampoo+qr``: the Shampoo variants with roots from the warm-started QR algorithm.
+  name, _, variant = name.partition("+")
+  if variant:
+    if variant != "qr" or name not in ("shampoo", "adamw_shampoo"):
+      raise LookupError(f"no variant `{variant}` of `{name}` (known: shampoo+qr, adamw_shampoo+qr)")
+    options["refresh"] = "qr"
   if blocks and name not in BLOCKING_BY_DEFAULT:
     options["layout"] = kp.LayoutConfig(max_precond_dim, blocking=True)
   else:
