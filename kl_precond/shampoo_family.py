@@ -29,6 +29,37 @@ from kl_precond.alias import _with_decay
 from kl_precond.layout import LayoutConfig
 
 
+def _checked_start(
+  grafting_type: str | None, graft_b2: Any, graft_eps: Any, frequency: int, start: int | None
+) -> int:
+  """Validates the grafting and refresh options; the first refresh (``None``: ``T``)."""
+  check_choice("grafting_type", grafting_type, (None, "adam", "rmsprop", "adagrad", "sgd"))
+  check_frequency("precondition_frequency", frequency)
+  check_beta("graft_b2", graft_b2)
+  check_nonnegative("graft_eps", graft_eps)
+  return int(frequency) if start is None else start
+
+
+def _grafted(
+  direction: optax.GradientTransformation,
+  grafting_type: str | None,
+  b1: Any,
+  graft_b2: Any,
+  graft_eps: Any,
+  dtype: Any,
+  layout: LayoutConfig,
+  start: int,
+  nonfinite: str,
+) -> optax.GradientTransformation:
+  """``direction`` rescaled per block to the grafting optimizer's step norm (none: as is)."""
+  if grafting_type is None:
+    return direction
+  magnitude = grafting.graft_magnitude(grafting_type, b1, graft_b2, graft_eps, dtype=dtype)
+  return grafting.graft(
+    direction, magnitude, layout=layout, start_preconditioning_step=start, nonfinite=nonfinite
+  )
+
+
 def _is_zero(value: Any) -> bool:
   return isinstance(value, (int, float)) and value == 0
 
@@ -145,14 +176,11 @@ def scale_by_shampoo(
     Shi et al., "A Distributed Data-Parallel PyTorch Implementation of the Distributed Shampoo
     Optimizer", 2023, https://arxiv.org/abs/2309.06497
   """
-  check_choice("grafting_type", grafting_type, (None, "adam", "rmsprop", "adagrad", "sgd"))
   check_choice("eps_mode", eps_mode, ("ridge", "relative"))
   check_choice("refresh", refresh, ("eigh", "qr"))
-  check_frequency("precondition_frequency", precondition_frequency)
-  check_beta("graft_b2", graft_b2)
-  check_nonnegative("graft_eps", graft_eps)
-  start = start_preconditioning_step
-  start = int(precondition_frequency) if start is None else start
+  start = _checked_start(
+    grafting_type, graft_b2, graft_eps, precondition_frequency, start_preconditioning_step
+  )
   if layout is None:
     layout = LayoutConfig(max_precond_dim, blocking=True, precondition_1d=precondition_1d)
   unfactored = _unfactored_axes(exponents)
@@ -202,11 +230,8 @@ def scale_by_shampoo(
     statistics_first=True,
     nonfinite=nonfinite,
   )
-  if grafting_type is None:
-    return direction
-  magnitude = grafting.graft_magnitude(grafting_type, b1, graft_b2, graft_eps, dtype=dtype)
-  return grafting.graft(
-    direction, magnitude, layout=layout, start_preconditioning_step=start, nonfinite=nonfinite
+  return _grafted(
+    direction, grafting_type, b1, graft_b2, graft_eps, dtype, layout, start, nonfinite
   )
 
 
@@ -285,12 +310,9 @@ def scale_by_eigenvalue_corrected_shampoo(
     (``EigenvalueCorrectedShampooPreconditionerList``).
   """
   check_choice("refresh", refresh, ("qr", "eigh"))
-  check_choice("grafting_type", grafting_type, (None, "adam", "rmsprop", "adagrad", "sgd"))
-  check_frequency("precondition_frequency", precondition_frequency)
-  check_beta("graft_b2", graft_b2)
-  check_nonnegative("graft_eps", graft_eps)
-  start = start_preconditioning_step
-  start = int(precondition_frequency) if start is None else start
+  start = _checked_start(
+    grafting_type, graft_b2, graft_eps, precondition_frequency, start_preconditioning_step
+  )
   if layout is None:
     layout = LayoutConfig(max_precond_dim, blocking=True, precondition_1d=precondition_1d)
   if unrotated_axes:
@@ -324,11 +346,8 @@ def scale_by_eigenvalue_corrected_shampoo(
     statistics_first=True,
     nonfinite=nonfinite,
   )
-  if grafting_type is None:
-    return direction
-  magnitude = grafting.graft_magnitude(grafting_type, b1, graft_b2, graft_eps, dtype=dtype)
-  return grafting.graft(
-    direction, magnitude, layout=layout, start_preconditioning_step=start, nonfinite=nonfinite
+  return _grafted(
+    direction, grafting_type, b1, graft_b2, graft_eps, dtype, layout, start, nonfinite
   )
 
 

@@ -160,6 +160,29 @@ def kl_reference(grads, *, b1, b2, eps, beta, every, klsoap, init_factor=0.1, ca
   return out
 
 
+def _diagonal_enough(b, tolerance):
+  """Distributed Shampoo's test ``‖B - diag B‖_F <= tolerance ‖B‖_F`` (NaN, i.e. False, when
+  rounding makes the difference of squares negative)."""
+  norm = np.linalg.norm(b)
+  with np.errstate(invalid="ignore"):
+    off = np.sqrt(norm**2 - np.linalg.norm(np.diag(b)) ** 2)
+  return bool(off <= tolerance * norm)
+
+
+def _grafted(shampoo, filtered, g, v, t, start, graft):
+  """Distributed Shampoo's Adam grafting (``graft = (beta2, epsilon)``, or ``None``): the
+  filtered gradient over Adam's denominator alone before ``start``, after it the Shampoo
+  direction at that step's norm. Returns the direction and the new second moment."""
+  if graft is None:
+    return shampoo, v
+  graft_b2, graft_eps = graft
+  v = graft_b2 * v + (1 - graft_b2) * g**2
+  adam = filtered / (np.sqrt(v / (1 - graft_b2**t)) + graft_eps)
+  if t < start:
+    return adam, v
+  return shampoo * np.linalg.norm(adam) / (np.linalg.norm(shampoo) + 1e-16), v
+
+
 def distributed_shampoo_reference(
   init,
   grads,
@@ -199,12 +222,6 @@ def distributed_shampoo_reference(
   vectors_of = {k: np.eye(w.shape[k]) for k in axes}
   m, v = np.zeros_like(w), np.zeros_like(w)
 
-  def diagonal_enough(b):
-    norm = np.linalg.norm(b)
-    with np.errstate(invalid="ignore"):
-      off = np.sqrt(norm**2 - np.linalg.norm(np.diag(b)) ** 2)
-    return bool(off <= tolerance * norm)
-
   trajectory = [w.copy()]
   for t, g in enumerate(grads, start=1):
     g = np.asarray(g, np.float64)
@@ -225,14 +242,14 @@ def distributed_shampoo_reference(
         estimate = q.T @ a @ q
         if refresh == "qr":
           for _ in range(iterations):
-            if diagonal_enough(estimate):
+            if _diagonal_enough(estimate, tolerance):
               break
             rotation, upper = np.linalg.qr(estimate)
             estimate = upper @ rotation
             q = q @ rotation
           order = np.argsort(np.diag(estimate), kind="stable")
           lam, vectors = np.diag(estimate)[order], q[:, order]
-        elif tolerance and diagonal_enough(estimate):
+        elif tolerance and _diagonal_enough(estimate, tolerance):
           lam, vectors = np.diag(estimate), q
         else:
           lam, vectors = np.linalg.eigh(a)
@@ -245,16 +262,7 @@ def distributed_shampoo_reference(
     shampoo = filtered
     for k in axes:
       shampoo = mode_apply(shampoo, inverse[k], k)
-    if graft is None:
-      direction = shampoo
-    else:
-      graft_b2, graft_eps = graft
-      v = graft_b2 * v + (1 - graft_b2) * g**2
-      adam = filtered / (np.sqrt(v / (1 - graft_b2**t)) + graft_eps)
-      if t < start:
-        direction = adam
-      else:
-        direction = shampoo * np.linalg.norm(adam) / (np.linalg.norm(shampoo) + 1e-16)
+    direction, v = _grafted(shampoo, filtered, g, v, t, start, graft)
     w = w - lr * (direction + weight_decay * w)
     trajectory.append(w.copy())
   return trajectory
@@ -289,12 +297,6 @@ def eigenvalue_corrected_reference(
   bases = [np.eye(d) if k in axes else None for k, d in enumerate(w.shape)]
   corrected, m, v = np.zeros_like(w), np.zeros_like(w), np.zeros_like(w)
 
-  def diagonal_enough(b):
-    norm = np.linalg.norm(b)
-    with np.errstate(invalid="ignore"):
-      off = np.sqrt(norm**2 - np.linalg.norm(np.diag(b)) ** 2)
-    return bool(off <= tolerance * norm)
-
   trajectory = [w.copy()]
   for t, g in enumerate(grads, start=1):
     g = np.asarray(g, np.float64)
@@ -308,30 +310,21 @@ def eigenvalue_corrected_reference(
         estimate = q.T @ a @ q
         if refresh == "qr":
           for _ in range(iterations):
-            if diagonal_enough(estimate):
+            if _diagonal_enough(estimate, tolerance):
               break
             rotation, upper = np.linalg.qr(estimate)
             estimate = upper @ rotation
             q = q @ rotation
           order = np.argsort(np.diag(estimate), kind="stable")
           bases[k] = q[:, order]
-        elif not (tolerance and diagonal_enough(estimate)):
+        elif not (tolerance and _diagonal_enough(estimate, tolerance)):
           _, bases[k] = np.linalg.eigh(a)
     corrected = b2 * corrected + (1 - b2) * rotate(g, bases, transpose=True) ** 2
     m = b1 * m + (1 - b1) * g
     filtered = m / (1 - b1**t)
     scaled = rotate(filtered, bases, transpose=True) / ((corrected / bc2) ** exponent + eps)
     shampoo = rotate(scaled, bases, transpose=False)
-    if graft is None:
-      direction = shampoo
-    else:
-      graft_b2, graft_eps = graft
-      v = graft_b2 * v + (1 - graft_b2) * g**2
-      adam = filtered / (np.sqrt(v / (1 - graft_b2**t)) + graft_eps)
-      if t < start:
-        direction = adam
-      else:
-        direction = shampoo * np.linalg.norm(adam) / (np.linalg.norm(shampoo) + 1e-16)
+    direction, v = _grafted(shampoo, filtered, g, v, t, start, graft)
     w = w - lr * (direction + weight_decay * w)
     trajectory.append(w.copy())
   return trajectory

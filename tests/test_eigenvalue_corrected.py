@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 
 import kl_precond as kp
 from kl_precond import parity
+from tests import synthetic_golden
 from tests.numpy_reference import eigenvalue_corrected_reference
 
 
@@ -153,30 +152,6 @@ def test_bad_options_are_refused():
     kp.eigh_every(3, keep_bases=False, tolerance=0.1)
 
 
-def _synthetic_golden(tmp_path, kwargs, trajectory_fn):
-  rng = np.random.default_rng(24)
-  shapes = {"w_6x5": (6, 5), "t_3x4x2": (3, 4, 2), "b_4": (4,)}
-  arrays = {"param_names": np.array(list(shapes))}
-  for name, shape in shapes.items():
-    init = rng.standard_normal(shape)
-    grads = np.stack([rng.standard_normal(shape) for _ in range(12)])
-    trajectory = np.stack(trajectory_fn(init, list(grads)))
-    arrays |= {
-      f"init/{name}": init,
-      f"grads/{name}": grads,
-      f"params/{name}": trajectory,
-      f"params_default64/{name}": trajectory,
-    }
-  path = tmp_path / "synthetic.npz"
-  np.savez(path, **arrays)
-  sidecar = {
-    "reference": {"class": "distributed_shampoo.DistributedShampoo"},
-    "constructor_kwargs": kwargs,
-  }
-  path.with_suffix(".json").write_text(json.dumps(sidecar))
-  return path
-
-
 META = {
   "lr": 0.01,
   "betas": [0.9, 0.999],
@@ -230,7 +205,7 @@ def test_parity_maps_eigenvalue_corrected_configurations(tmp_path, config, graft
       **options,
     )
 
-  path = _synthetic_golden(tmp_path, kwargs, port)
+  path = synthetic_golden.write(tmp_path, kwargs, port, seed=24)
   records = parity.check(path)
   for name, record in records.items():
     assert record["judged"], name

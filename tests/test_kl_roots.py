@@ -4,6 +4,7 @@ configurations (with grafting too, which the shared golden files do not hold).""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -13,6 +14,7 @@ import pytest
 
 import kl_precond as kp
 from kl_precond import parity
+from tests import synthetic_golden
 from tests.numpy_reference import distributed_shampoo_reference
 
 
@@ -53,7 +55,8 @@ def test_kl_factors_match_a_numpy_port_of_distributed_shampoo(case):
   grads = [rng.standard_normal(shape) * (1.0 if t < 6 else 0.1) for t in range(14)]
   common = dict(lr=0.01, weight_decay=0.01)
   graft = spec["graft"]
-  expected = distributed_shampoo_reference(
+  port = functools.partial(
+    distributed_shampoo_reference,
     init,
     grads,
     b1=0.9,
@@ -61,11 +64,11 @@ def test_kl_factors_match_a_numpy_port_of_distributed_shampoo(case):
     eps=1e-12,
     every=3,
     start=4,
-    kl=True,
     graft=graft,
     exponents=spec["exponents"],
     **common,
   )
+  expected = port(kl=True)
   ours, state = _ours(
     init,
     grads,
@@ -85,19 +88,7 @@ def test_kl_factors_match_a_numpy_port_of_distributed_shampoo(case):
   error = np.max(np.abs(ours - np.stack(expected))) / displacement
   assert error < 1e-11, error
   # The option changes the trajectory: plain Shampoo's port is far from it.
-  plain = distributed_shampoo_reference(
-    init,
-    grads,
-    b1=0.9,
-    b2=0.999,
-    eps=1e-12,
-    every=3,
-    start=4,
-    kl=False,
-    graft=graft,
-    exponents=spec["exponents"],
-    **common,
-  )
+  plain = port(kl=False)
   assert np.max(np.abs(ours - np.stack(plain))) / displacement > 1e-4
 
 
@@ -158,44 +149,25 @@ def test_a_gradient_that_whitening_would_overflow_is_skipped():
 
 
 def _synthetic_golden(tmp_path, constructor_kwargs, kl, graft, **port):
-  """A golden file in the shared layout whose trajectory is the NumPy port's."""
-  rng = np.random.default_rng(13)
-  shapes = {"w_6x5": (6, 5), "t_3x4x2": (3, 4, 2), "b_4": (4,)}
-  arrays = {"param_names": np.array(list(shapes))}
-  for name, shape in shapes.items():
-    init = rng.standard_normal(shape)
-    grads = np.stack([rng.standard_normal(shape) for _ in range(12)])
-    trajectory = np.stack(
-      distributed_shampoo_reference(
-        init,
-        list(grads),
-        lr=float(np.float32(constructor_kwargs["lr"])),
-        b1=constructor_kwargs["betas"][0],
-        b2=constructor_kwargs["betas"][1],
-        eps=constructor_kwargs["epsilon"],
-        weight_decay=constructor_kwargs["weight_decay"],
-        every=constructor_kwargs["precondition_frequency"],
-        start=constructor_kwargs["start_preconditioning_step"],
-        kl=kl,
-        graft=graft,
-        **port,
-      )
+  """A golden file whose trajectory is the NumPy port's, with the sidecar's numbers."""
+
+  def trajectory(init, grads):
+    return distributed_shampoo_reference(
+      init,
+      grads,
+      lr=float(np.float32(constructor_kwargs["lr"])),
+      b1=constructor_kwargs["betas"][0],
+      b2=constructor_kwargs["betas"][1],
+      eps=constructor_kwargs["epsilon"],
+      weight_decay=constructor_kwargs["weight_decay"],
+      every=constructor_kwargs["precondition_frequency"],
+      start=constructor_kwargs["start_preconditioning_step"],
+      kl=kl,
+      graft=graft,
+      **port,
     )
-    arrays[f"init/{name}"] = init
-    arrays[f"grads/{name}"] = grads
-    arrays[f"params/{name}"] = trajectory
-    arrays[f"params_default64/{name}"] = trajectory
-  path = tmp_path / "synthetic.npz"
-  np.savez(path, **arrays)
-  sidecar = {
-    "reference": {
-      "repo": "facebookresearch/optimizers",
-      "class": "distributed_shampoo.DistributedShampoo",
-    },
-    "constructor_kwargs": constructor_kwargs,
-  }
-  path.with_suffix(".json").write_text(json.dumps(sidecar))
-  return path
+
+  return synthetic_golden.write(tmp_path, constructor_kwargs, trajectory)
 
 
 @pytest.mark.parametrize(
