@@ -8,6 +8,22 @@ import json
 import numpy as np
 
 SHAPES = {"w_6x5": (6, 5), "t_3x4x2": (3, 4, 2), "b_4": (4,)}
+# DistributedShampoo's constructor kwargs as the shared sidecars write them, but for the
+# preconditioner and grafting configs, and with a first refresh (call 5) that is not a multiple
+# of the frequency.
+DISTRIBUTED_SHAMPOO = {
+  "lr": 0.01,
+  "betas": [0.9, 0.999],
+  "epsilon": 1e-12,
+  "weight_decay": 0.01,
+  "weight_decay_type": "WeightDecayType.DECOUPLED",
+  "max_preconditioner_dim": 256,
+  "precondition_frequency": 3,
+  "start_preconditioning_step": 5,
+  "use_bias_correction": True,
+  "distributed_config": "SingleDeviceDistributedConfig(target_parameter_dimensionality=math.inf)",
+  "beta3": -1.0,
+}
 
 
 def write(tmp_path, constructor_kwargs, port, *, seed=13, calls=12):

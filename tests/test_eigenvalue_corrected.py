@@ -152,19 +152,7 @@ def test_bad_options_are_refused():
     kp.eigh_every(3, keep_bases=False, tolerance=0.1)
 
 
-META = {
-  "lr": 0.01,
-  "betas": [0.9, 0.999],
-  "epsilon": 1e-12,
-  "weight_decay": 0.01,
-  "weight_decay_type": "WeightDecayType.DECOUPLED",
-  "max_preconditioner_dim": 256,
-  "precondition_frequency": 3,
-  "start_preconditioning_step": 5,
-  "use_bias_correction": True,
-  "distributed_config": "SingleDeviceDistributedConfig(target_parameter_dimensionality=math.inf)",
-  "beta3": -1.0,
-}
+META = synthetic_golden.DISTRIBUTED_SHAMPOO
 
 
 @pytest.mark.parametrize(

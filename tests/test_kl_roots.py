@@ -178,20 +178,10 @@ def test_parity_maps_distributed_shampoos_kl_configurations(tmp_path, grafting):
   with a start step that is not a multiple of the frequency, replayed by the parity tool
   against the NumPy port."""
   kwargs = {
-    "lr": 0.01,
-    "betas": [0.9, 0.999],
-    "epsilon": 1e-12,
-    "weight_decay": 0.01,
-    "weight_decay_type": "WeightDecayType.DECOUPLED",
-    "max_preconditioner_dim": 256,
-    "precondition_frequency": 3,
-    "start_preconditioning_step": 5,
-    "use_bias_correction": True,
+    **synthetic_golden.DISTRIBUTED_SHAMPOO,
     "preconditioner_config": "RootInvKLShampooPreconditionerConfig("
     "factor_matrix_dtype=torch.float64, inv_factor_matrix_dtype=torch.float64)",
     "grafting_config": grafting,
-    "distributed_config": "SingleDeviceDistributedConfig(target_parameter_dimensionality=math.inf)",
-    "beta3": -1.0,
     "iterate_averaging_config": None,
     "shampoo_pt2_compile_config": None,
   }
@@ -251,16 +241,9 @@ def test_parity_maps_distributed_shampoos_eigendecomposed_configurations(
   """Roots from stored eigenpairs: eigh (the root-inverse roots), or the QR algorithm's
   Rayleigh quotients (``scale_by_shampoo(refresh="qr")``), against the NumPy port."""
   kwargs = {
-    "lr": 0.01,
-    "betas": [0.9, 0.999],
-    "epsilon": 1e-12,
-    "weight_decay": 0.01,
-    "max_preconditioner_dim": 256,
-    "precondition_frequency": 3,
-    "start_preconditioning_step": 5,
+    **synthetic_golden.DISTRIBUTED_SHAMPOO,
     "preconditioner_config": config,
     "grafting_config": grafting,
-    "distributed_config": "SingleDeviceDistributedConfig(target_parameter_dimensionality=math.inf)",
   }
   path = _synthetic_golden(tmp_path, kwargs, **port)
   records = parity.check(path)
