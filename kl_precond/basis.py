@@ -384,9 +384,11 @@ def eigh_every(
       equals the floor (Distributed Shampoo's ``λ - λ_min + ε``); ``None`` for no shift.
     ascending: columns by ascending eigenvalue (Distributed Shampoo's eigenvalue-corrected
       preconditioner, whose second moment is tied to the column order); default descending.
-    tolerance: skip a block's decomposition, keeping its previous basis and taking the diagonal
-      of ``B = Qᵀ(F + ρI)Q`` as eigenvalues, where ``‖B - diag B‖_F <= tolerance · ‖B‖_F``
-      (Distributed Shampoo's ``EighEigendecompositionConfig(tolerance)``); 0: never.
+    tolerance: keep a block's previous basis, with the diagonal of ``B = Qᵀ(F + ρI)Q`` as
+      eigenvalues, where ``‖B - diag B‖_F <= tolerance · ‖B‖_F`` (Distributed Shampoo's
+      ``EighEigendecompositionConfig(tolerance)``); 0: never. The same numbers as skipping the
+      decomposition, but not its savings: the eigh still runs (a select, not a branch, as
+      everything batched over blocks here).
     dtype: storage dtype of bases and eigenvalues (default: the parameter's dtype).
 
   Returns:

@@ -96,10 +96,11 @@ class Frobenius:
     set the factors come back unchanged, whatever ``grad`` holds.
     """
     del bases, initial, eigenvalues
-    return self._fold(grad, state, lambda axis: grad, hold)
+    return self._fold(state, lambda axis: grad, hold)
 
-  def _fold(self, grad: jax.Array, state: FrobeniusState, source: Any, hold: Any) -> FrobeniusState:
-    """``F_i ← β F_i + (1-β) X_(i) X_(i)ᵀ`` with ``X = source(i)``."""
+  def _fold(self, state: FrobeniusState, source: Any, hold: Any) -> FrobeniusState:
+    """``F_i ← β F_i + (1-β) X_(i) X_(i)ᵀ`` with ``X = source(i)`` (the gradient block, or a
+    whitened one)."""
     beta, weight = tensor_ops.held(hold, self.beta, 1 - self.beta)
     factors = tuple(
       None
@@ -187,7 +188,7 @@ class KLRoots(Frobenius):
     """
     del initial
     if eigenvalues is None or all(b is None for b in bases):
-      return self._fold(grad, state, lambda axis: grad, hold)
+      return self._fold(state, lambda axis: grad, hold)
     if any(b is not None and b.ndim != 2 for b in bases):
       raise ValueError(
         "kl_roots needs the basis stage's bases: use eigh_every(keep_bases=True) "
@@ -206,7 +207,7 @@ class KLRoots(Frobenius):
           x = tensor_ops.mode_product(x, basis.T, other) * tensor_ops.kron_outer(shape, x.shape)
       return x
 
-    return self._fold(work, state, whitened, hold)
+    return self._fold(state, whitened, hold)
 
   def gain(self, state: FrobeniusState, basis_state: Any = None) -> jax.Array:
     """Bound on ``|entry| / ‖G‖²``: ``Π_j max(1, max_i λ_ji^(-a_j))²`` over the factored axes

@@ -13,8 +13,8 @@ Command line::
   python -m kl_precond.parity FILE.npz [FILE.npz ...] [--json] [--inject {none,q0,all}]
 
 It exits with 1 when a well-posed tensor misses its tolerance, and with 3 when a file's
-configuration has no kl_precond equivalent (say, Distributed Shampoo's eigenvalue-corrected
-preconditioner); the table says which. A tensor is well-posed when
+configuration has no kl_precond equivalent (say, Distributed Shampoo's spectral descent or its
+Newton-iteration roots); the table says which. A tensor is well-posed when
 every Kronecker factor is full rank when its first basis is computed (for the methods whose
 first call only initialises: the first gradient's mode unfoldings have full row rank); other
 tensors depend on the arbitrary eigenbasis of a null space and are reported, not judged.
