@@ -444,9 +444,10 @@ def scale_by_preconditioner(
   Args:
     estimator: the factor statistics, :func:`kl_precond.frobenius`, :func:`kl_precond.kl` or
       :func:`kl_precond.kl_roots`.
-    basis: the refresh policy, :func:`kl_precond.qr_every` or :func:`kl_precond.eigh_every`.
-    scaling: what is done in the eigenbasis, :func:`kl_precond.adam` or
-      :func:`kl_precond.kronecker_eigenvalues`.
+    basis: the refresh policy, :func:`kl_precond.qr_every`, :func:`kl_precond.eigh_every` or
+      :func:`kl_precond.qr_algorithm_every`.
+    scaling: what is done in the eigenbasis, :func:`kl_precond.adam`,
+      :func:`kl_precond.kronecker_eigenvalues` or :func:`kl_precond.eigenvalue_corrected`.
     layout: the static block layout (:class:`kl_precond.LayoutConfig`).
     fallback: scaling for blocks with no factor at all (0-/1-D tensors); default ``scaling``.
     first_call: ``"init_only"``, ``"precondition"`` or ``"identity"`` (module docstring).
