@@ -58,6 +58,21 @@ def _zero_factors(shape: Sequence[int], mask: Sequence[bool], dtype: Any) -> Fac
   return tuple(jnp.zeros((d, d), dtype) if m else None for d, m in zip(shape, mask, strict=True))
 
 
+def _whitened(grad: jax.Array, bases: Scales, scales: Scales, axis: int) -> jax.Array:
+  """``G ×_j (Q_j diag s_j)ᵀ`` on every factored axis ``j ≠ axis``, as ``G ×_j Q_jᵀ`` scaled by
+  ``s_j`` along axis ``j`` (the Gram matrix of ``axis`` is that of ``G`` whitened by
+  ``Q_j diag(s_j²) Q_jᵀ``). For a matrix, one of the two whitenings then starts with the same
+  product as ``tensor_ops.project(G)`` (its longest axis first), and XLA computes it once for
+  both."""
+  for other, (basis, scale) in enumerate(zip(bases, scales, strict=True)):
+    if other != axis and basis is not None and scale is not None:
+      along = [scale if j == other else None for j in range(grad.ndim)]
+      grad = tensor_ops.mode_product(grad, basis.T, other) * tensor_ops.kron_outer(
+        along, grad.shape
+      )
+  return grad
+
+
 class FrobeniusState(NamedTuple):
   """State of :func:`frobenius` for one block."""
 
@@ -182,7 +197,7 @@ class KLRoots(Frobenius):
 
     As the Gram matrix of axis ``i`` is unchanged by an orthogonal map on the other axes, the
     whitened gradient is taken as ``G ×_j (Q_j diag λ_j^(-a_j))ᵀ``: one product per other axis
-    (:meth:`KL._whitened`'s form). Without bases or eigenvalues (the first call) this is
+    (``_whitened``, as :func:`kl`). Without bases or eigenvalues (the first call) this is
     :func:`frobenius`'s update; ``initial`` is unused (the initial bases are the identity and
     the eigenvalues one).
     """
@@ -199,15 +214,7 @@ class KLRoots(Frobenius):
     scales = [None if s is None else s.astype(dtype) for s in self._scales(eigenvalues, grad.ndim)]
     matrices = [None if b is None else b.astype(dtype) for b in bases]
 
-    def whitened(axis: int) -> jax.Array:
-      x = work
-      for other, (basis, scale) in enumerate(zip(matrices, scales, strict=True)):
-        if other != axis and basis is not None and scale is not None:
-          shape = [scale if j == other else None for j in range(x.ndim)]
-          x = tensor_ops.mode_product(x, basis.T, other) * tensor_ops.kron_outer(shape, x.shape)
-      return x
-
-    return self._fold(state, whitened, hold)
+    return self._fold(state, lambda axis: _whitened(work, matrices, scales, axis), hold)
 
   def gain(self, state: FrobeniusState, basis_state: Any = None) -> jax.Array:
     """Bound on ``|entry| / ‖G‖²``: ``Π_j max(1, max_i λ_ji^(-a_j))²`` over the factored axes
@@ -305,19 +312,6 @@ class KL:
     beta, weight = tensor_ops.held(hold, self.beta, weight)
     return (factor * beta + weight * tensor_ops.zeroed(gram, hold)).astype(factor.dtype)
 
-  def _whitened(self, grad: jax.Array, bases: Scales, roots: Scales, axis: int) -> jax.Array:
-    """``G ×_j (Q_j diag s_j)ᵀ`` on every factored axis ``j ≠ axis``, as ``G ×_j Q_jᵀ`` scaled
-    by ``s_j`` along axis ``j``. For a matrix, one of the two whitenings then starts with the
-    same product as ``tensor_ops.project(G)`` (its longest axis first), and XLA computes it once
-    for both."""
-    for other, (basis, root) in enumerate(zip(bases, roots, strict=True)):
-      if other != axis and basis is not None and root is not None:
-        scale = [root if j == other else None for j in range(grad.ndim)]
-        grad = tensor_ops.mode_product(grad, basis.T, other) * tensor_ops.kron_outer(
-          scale, grad.shape
-        )
-    return grad
-
   def _update_factor(
     self,
     grad: jax.Array,
@@ -327,7 +321,7 @@ class KL:
     axis: int,
     hold: Any = None,
   ) -> jax.Array:
-    whitened = self._whitened(grad, bases, roots, axis)
+    whitened = _whitened(grad, bases, roots, axis)
     return self._fold(factor, tensor_ops.mode_gram(whitened, axis), grad, axis, hold)
 
   def _update_root(
