@@ -36,6 +36,13 @@ def check_beta(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
 
 
+def check_beta_or_sum(name: str, value: Any) -> None:
+  """``value`` must lie in ``[0, 1]`` (``1``: a sum instead of an EMA)."""
+  number = _concrete(value)
+  if number is not None and not 0.0 <= number <= 1.0:
+    raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
+
+
 def check_positive(name: str, value: Any) -> None:
   """``value`` must be ``> 0``."""
   number = _concrete(value)

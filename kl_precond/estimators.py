@@ -48,7 +48,12 @@ import jax
 import jax.numpy as jnp
 
 from kl_precond import scaling, tensor_ops
-from kl_precond._validation import check_beta, check_nonnegative, check_positive
+from kl_precond._validation import (
+  check_beta,
+  check_beta_or_sum,
+  check_nonnegative,
+  check_positive,
+)
 
 Factors = tuple[jax.Array | None, ...]
 Scales = Sequence[jax.Array | None]
@@ -86,6 +91,9 @@ class Frobenius:
   beta: Any
   bias_correction: bool = False
   dtype: Any = None
+  weight: Any = None
+  trace_scaling: Any = None
+  trace_floor: Any = 0.0
 
   def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any) -> FrobeniusState:
     return FrobeniusState(_zero_factors(shape, mask, self.dtype or dtype))
@@ -116,7 +124,9 @@ class Frobenius:
   def _fold(self, state: FrobeniusState, source: Any, hold: Any) -> FrobeniusState:
     """``F_i ← β F_i + (1-β) X_(i) X_(i)ᵀ`` with ``X = source(i)`` (the gradient block, or a
     whitened one)."""
-    beta, weight = tensor_ops.held(hold, self.beta, 1 - self.beta)
+    beta, weight = tensor_ops.held(
+      hold, self.beta, tensor_ops.accumulation_weight(self.beta, self.weight)
+    )
     factors = tuple(
       None
       if factor is None
@@ -136,11 +146,20 @@ class Frobenius:
     return jnp.ones(())
 
   def factors(self, state: FrobeniusState, step: jax.Array) -> Factors:
-    """The factors the basis is computed from (divided by ``1 - βᵗ`` with bias correction)."""
-    if not self.bias_correction:
-      return state.factors
-    correction = 1 - jnp.asarray(self.beta, jnp.result_type(float)) ** step
-    return tuple(None if f is None else f / correction.astype(f.dtype) for f in state.factors)
+    """The factors the basis is computed from: divided by ``1 - βᵗ`` with bias correction (an
+    EMA only: not with an explicit ``weight`` or ``β = 1``), then, with ``trace_scaling = e``,
+    multiplied by ``max(tr F, trace_floor)^(-e)``."""
+    factors = state.factors
+    if self.bias_correction and self.weight is None:
+      correction = tensor_ops.ema_correction(self.beta, step, jnp.result_type(float))
+      factors = tuple(None if f is None else f / correction.astype(f.dtype) for f in factors)
+    if self.trace_scaling is not None:
+      factors = tuple(None if f is None else self._trace_scaled(f) for f in factors)
+    return factors
+
+  def _trace_scaled(self, factor: jax.Array) -> jax.Array:
+    trace = jnp.maximum(jnp.trace(factor), jnp.asarray(self.trace_floor, factor.dtype))
+    return factor * trace ** -jnp.asarray(self.trace_scaling, factor.dtype)
 
   def eigenvalues(self, state: FrobeniusState, basis_state: Any) -> tuple[Any, ...]:
     """Eigenvalue estimates in the current basis: those the basis stage kept at its refresh."""
@@ -148,21 +167,40 @@ class Frobenius:
     return tuple(basis_state.eigenvalues)
 
 
-def frobenius(beta: Any, *, bias_correction: bool = False, dtype: Any = None) -> Frobenius:
+def frobenius(
+  beta: Any,
+  *,
+  bias_correction: bool = False,
+  dtype: Any = None,
+  weight: Any = None,
+  trace_scaling: Any = None,
+  trace_floor: Any = 0.0,
+) -> Frobenius:
   """Frobenius factor statistics of Shampoo and SOAP.
 
-  .. math:: F_i \\leftarrow \\beta F_i + (1-\\beta)\\, G_{(i)} G_{(i)}^\\top
+  .. math:: F_i \\leftarrow \\beta F_i + w\\, G_{(i)} G_{(i)}^\\top,\\qquad w = 1-\\beta
 
   Args:
-    beta: EMA weight of the factors, in ``[0, 1)``.
-    bias_correction: hand ``F_i / (1 - βᵗ)`` to the basis stage (Distributed Shampoo).
+    beta: EMA weight of the factors, in ``[0, 1]``; ``1`` accumulates a sum (``w = 1``, the
+      original Shampoo's and Distributed Shampoo's default ``β₂ = 1``).
+    bias_correction: hand ``F_i / (1 - βᵗ)`` to the basis stage (Distributed Shampoo); only for
+      an EMA (not with ``β = 1`` or an explicit ``weight``, as there).
     dtype: storage dtype of the factors (default: the parameter's dtype).
+    weight: ``w`` instead of ``1 - β`` (Distributed Shampoo's
+      ``drop_weighting_factor_on_gsquare=True`` is ``weight=1``).
+    trace_scaling: ``e``: hand ``F_i · max(tr F_i, trace_floor)^(-e)`` to the basis stage
+      (after the bias correction; Distributed Shampoo's ``use_trace_scaling`` with
+      ``trace_scaling_exponent``). ``None``: off.
+    trace_floor: the smallest trace used by ``trace_scaling`` (Distributed Shampoo: its ``ε``).
 
   Returns:
     The estimator stage.
   """
-  check_beta("beta", beta)
-  return Frobenius(beta, bias_correction, dtype)
+  check_beta_or_sum("beta", beta)
+  if weight is not None:
+    check_beta_or_sum("weight", weight)
+  check_nonnegative("trace_floor", trace_floor)
+  return Frobenius(beta, bias_correction, dtype, weight, trace_scaling, trace_floor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +267,14 @@ class KLRoots(Frobenius):
 
 
 def kl_roots(
-  beta: Any, *, exponents: Any = None, bias_correction: bool = True, dtype: Any = None
+  beta: Any,
+  *,
+  exponents: Any = None,
+  bias_correction: bool = True,
+  dtype: Any = None,
+  weight: Any = None,
+  trace_scaling: Any = None,
+  trace_floor: Any = 0.0,
 ) -> KLRoots:
   """Distributed Shampoo's simplified KL-Shampoo factors (``RootInvKLShampooPreconditionerConfig``).
 
@@ -247,11 +292,12 @@ def kl_roots(
   (``eigh_every(keep_bases=True)``, which ``scale_by_shampoo(kl_factors=True)`` uses).
 
   Args:
-    beta: EMA weight of the factors, in ``[0, 1)``.
+    beta: EMA weight of the factors, in ``[0, 1]`` (``1``: a sum, as :func:`frobenius`).
     exponents: the roots' exponents ``a_j``, as for :func:`kl_precond.kronecker_eigenvalues`
       (``None``: ``1/(2k)`` on an order-``k`` block).
     bias_correction: hand ``F_i / (1 - βᵗ)`` to the basis stage (Distributed Shampoo).
     dtype: storage dtype of the factors (default: the parameter's dtype).
+    weight, trace_scaling, trace_floor: as for :func:`frobenius`.
 
   Returns:
     The estimator stage.
@@ -261,9 +307,20 @@ def kl_roots(
     Lin et al., "Understanding and Improving Shampoo and SOAP via Kullback-Leibler
     Minimization", 2025, https://arxiv.org/abs/2509.03378
   """
-  check_beta("beta", beta)
+  check_beta_or_sum("beta", beta)
+  if weight is not None:
+    check_beta_or_sum("weight", weight)
+  check_nonnegative("trace_floor", trace_floor)
   scaling._check_exponents(exponents)
-  return KLRoots(beta, bias_correction, dtype, exponents)
+  return KLRoots(
+    beta,
+    bias_correction,
+    dtype,
+    weight=weight,
+    trace_scaling=trace_scaling,
+    trace_floor=trace_floor,
+    exponents=exponents,
+  )
 
 
 class KLState(NamedTuple):

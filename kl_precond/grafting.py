@@ -173,7 +173,14 @@ class HoldingTransformation(optax.GradientTransformationExtraArgs):
 
 
 def graft_magnitude(
-  kind: str = "adam", b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, *, dtype: Any = None
+  kind: str = "adam",
+  b1: Any = 0.9,
+  b2: Any = 0.999,
+  eps: Any = 1e-8,
+  *,
+  dtype: Any = None,
+  debias_first_moment: bool = True,
+  b3: Any = None,
 ) -> HoldingTransformation:
   """The diagonal optimizers used as grafting magnitudes (Distributed Shampoo's options).
 
@@ -194,6 +201,11 @@ def graft_magnitude(
       float32 at least). With ``None``, ``"adam"`` and ``"sgd"`` do the arithmetic of
       ``optax.scale_by_adam`` and ``optax.ema(debias=True)``, op for op (bit for bit outside
       ``jit``; under ``jit`` XLA may fuse the two differently), in their state types.
+    debias_first_moment: ``False``: ``Ḡ = M`` (Distributed Shampoo's
+      ``use_bias_correction=False``; Adam's ``V`` is still bias-corrected, as there).
+    b3: Distributed Shampoo's ``beta3``: ``Ḡ`` looks ahead,
+      ``(M_{t-1} + (1-β₃)(G - M_{t-1})) / (1 - β₃β₁^{t-1})``
+      (:func:`kl_precond.tensor_ops.filtered_gradient`); ``None``: ``β₁``.
 
   Returns:
     A :class:`HoldingTransformation` (an ``optax.GradientTransformationExtraArgs``).
@@ -201,9 +213,11 @@ def graft_magnitude(
   check_choice("grafting", kind, ("sgd", "adagrad", "rmsprop", "adam"))
   check_beta("b1", b1)
   check_beta("b2", b2)
+  if b3 is not None:
+    check_beta("b3", b3)
   check_nonnegative("eps", eps)
   # optax's own state types (and arithmetic in the moments' dtype) for its two optimizers.
-  as_optax = dtype is None and kind in ("adam", "sgd")
+  as_optax = dtype is None and kind in ("adam", "sgd") and debias_first_moment and b3 is None
 
   def init_fn(params: Any) -> Any:
     if as_optax and kind == "adam":
@@ -225,10 +239,21 @@ def graft_magnitude(
       count = jnp.where(hold, state.count, count)
     first = state.ema if isinstance(state, optax.EmaState) else state.mu
     grads = jax.tree.map(lambda g, m: tensor_ops.zeroed(g.astype(work(m)), hold), updates, first)
-    beta1, weight1 = tensor_ops.held(hold, b1, 1 - b1)
-    mu = jax.tree.map(lambda m, g: beta1 * m.astype(g.dtype) + weight1 * g, first, grads)
-    # optax's bias correction on the whole tree, as optax calls it: bit for bit the same.
-    out = optax.tree_utils.tree_bias_correction(mu, b1, count)
+    if b3 is None:
+      beta1, weight1 = tensor_ops.held(hold, b1, 1 - b1)
+      mu = jax.tree.map(lambda m, g: beta1 * m.astype(g.dtype) + weight1 * g, first, grads)
+      # optax's bias correction on the whole tree, as optax calls it: bit for bit the same.
+      out = optax.tree_utils.tree_bias_correction(mu, b1, count) if debias_first_moment else mu
+    else:
+      pairs = jax.tree.map(
+        lambda m, g: tensor_ops.filtered_gradient(
+          m.astype(g.dtype), g, b1, count, hold, b3=b3, bias_correction=debias_first_moment
+        ),
+        first,
+        grads,
+      )
+      mu = jax.tree.map(lambda _, pair: pair[0], first, pairs)
+      out = jax.tree.map(lambda _, pair: pair[1], first, pairs)
     mu = jax.tree.map(lambda new, old: new.astype(old.dtype), mu, first)
     if isinstance(state, optax.EmaState):
       new_state: Any = optax.EmaState(count, mu)

@@ -217,6 +217,10 @@ _META_KWARGS = {
   "beta3",
   "iterate_averaging_config",
   "shampoo_pt2_compile_config",
+  # Where and how fast, not what: pinned host memory, eager NaN checks, threads.
+  "use_pin_memory",
+  "shampoo_runtime_config",
+  "concurrency_config",
 }
 
 
@@ -320,11 +324,20 @@ def _meta_preconditioner(text: str | None) -> tuple[str, dict[str, Any]]:
   unknown = set(options) - _META_CONFIG_OPTIONS
   if unknown:
     raise Unsupported(f"{config} options {sorted(unknown)} have no kl_precond equivalent")
-  if options.get("use_trace_scaling"):
-    raise Unsupported("use_trace_scaling=True has no kl_precond equivalent")
-  if options.get("drop_weighting_factor_on_gsquare"):
-    raise Unsupported("drop_weighting_factor_on_gsquare=True has no kl_precond equivalent")
   return config, options
+
+
+def _meta_statistics(options: dict[str, Any], use_bias_correction: bool) -> dict[str, Any]:
+  """The ``scale_by_*`` options for how the factors (and ``D``) accumulate and are scaled."""
+  return {
+    "bias_correction": use_bias_correction,
+    # ``drop_weighting_factor_on_gsquare``: the outer products enter with weight 1, and the
+    # factors are no longer an EMA, so they are not bias-corrected (β₂ = 1 does this by itself).
+    "statistics_weight": 1.0 if options.get("drop_weighting_factor_on_gsquare") else None,
+    "trace_scaling": float(options.get("trace_scaling_exponent", 0.5))
+    if options.get("use_trace_scaling")
+    else None,
+  }
 
 
 def _meta_decomposition(config: str, text: Any) -> tuple[str, int, float]:
@@ -357,13 +370,13 @@ def _meta_decomposition(config: str, text: Any) -> tuple[str, int, float]:
 def _meta_recipe(kwargs: dict[str, Any]) -> Recipe:
   _check_kwargs("DistributedShampoo", kwargs, _META_KWARGS)
   b1, b2 = kwargs.get("betas", (0.9, 1.0))
-  if kwargs.get("beta3", -1.0) not in (-1.0, b1):
-    raise Unsupported("beta3 != beta1 (a separate filtered-gradient EMA) has no equivalent")
+  beta3 = kwargs.get("beta3", -1.0)
   if kwargs.get("iterate_averaging_config") is not None:
     raise Unsupported("iterate averaging has no kl_precond equivalent")
-  if not kwargs.get("use_bias_correction", True):
-    raise Unsupported("use_bias_correction=False has no kl_precond equivalent")
   config, options = _meta_preconditioner(kwargs.get("preconditioner_config"))
+  statistics = _meta_statistics(options, bool(kwargs.get("use_bias_correction", True)))
+  # ``beta3 = -1`` means β₁; otherwise the filtered gradient looks ahead with it.
+  statistics["b3"] = None if beta3 in (-1.0, b1) else beta3
   refresh, iterations, tolerance = _meta_decomposition(
     config, options.get("amortized_computation_config")
   )
@@ -396,6 +409,7 @@ def _meta_recipe(kwargs: dict[str, Any]) -> Recipe:
       grafting_type=kind,
       graft_b2=graft_b2,
       graft_eps=graft_eps,
+      **statistics,
     )
     replay_layout = layout
   else:
@@ -417,6 +431,7 @@ def _meta_recipe(kwargs: dict[str, Any]) -> Recipe:
       grafting_type=kind,
       graft_b2=graft_b2,
       graft_eps=graft_eps,
+      **statistics,
     )
     replay_layout = transform_layout(layout, exponents)
   decay = "l2" if "L2" in str(kwargs.get("weight_decay_type", "DECOUPLED")) else "decoupled"

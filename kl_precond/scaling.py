@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kl_precond import tensor_ops
-from kl_precond._validation import check_beta, check_choice, check_nonnegative
+from kl_precond._validation import check_beta, check_beta_or_sum, check_choice, check_nonnegative
 
 Bases = Sequence[jax.Array | None]
 
@@ -64,6 +64,7 @@ class Adam:
   eps: Any
   bias_correction: bool = True
   dtype: Any = None
+  b3: Any = None
 
   def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any) -> AdamState:
     del mask
@@ -86,11 +87,20 @@ class Adam:
     projected = tensor_ops.zeroed(tensor_ops.project(grad.astype(dtype), bases), hold)
     b1, w1 = tensor_ops.held(hold, self.b1, 1 - self.b1)
     b2, w2 = tensor_ops.held(hold, self.b2, 1 - self.b2)
-    mu = b1 * state.mu.astype(dtype) + w1 * projected
     nu = b2 * state.nu.astype(dtype) + w2 * projected**2
-    direction = tensor_ops.unproject(mu / (jnp.sqrt(nu) + self.eps), bases)
-    if self.bias_correction:
-      direction = direction * _adam_correction(self.b1, self.b2, step, direction.dtype)
+    if self.b3 is None:
+      mu = b1 * state.mu.astype(dtype) + w1 * projected
+      direction = tensor_ops.unproject(mu / (jnp.sqrt(nu) + self.eps), bases)
+      if self.bias_correction:
+        direction = direction * _adam_correction(self.b1, self.b2, step, direction.dtype)
+    else:
+      mu, moment = tensor_ops.filtered_gradient(
+        state.mu.astype(dtype), projected, self.b1, step, hold, b3=self.b3, bias_correction=False
+      )
+      if self.bias_correction:  # c_t with the look-ahead's first-moment correction
+        second = jnp.sqrt(1 - jnp.asarray(self.b2, dtype) ** step.astype(dtype))
+        moment = moment * second / tensor_ops.filtered_correction(self.b1, step, dtype, b3=self.b3)
+      direction = tensor_ops.unproject(moment / (jnp.sqrt(nu) + self.eps), bases)
     return direction, AdamState(mu.astype(state.mu.dtype), nu.astype(state.nu.dtype))
 
   def rotate(
@@ -124,6 +134,7 @@ def adam(
   *,
   bias_correction: bool = True,
   dtype: Any = None,
+  b3: Any = None,
 ) -> Adam:
   """Adam moments kept in the eigenbasis (SOAP, KL-SOAP).
 
@@ -139,14 +150,18 @@ def adam(
     eps: added to ``√V`` (after the square root, without bias correction), ``>= 0``.
     bias_correction: multiply by ``c_t = √(1-β₂ᵗ)/(1-β₁ᵗ)`` (SOAP); KL-SOAP has none.
     dtype: storage dtype of ``M`` and ``V`` (default: the parameter's dtype).
+    b3: a look-ahead for the first moment, as for :func:`kronecker_eigenvalues` (the bias
+      correction then divides by ``1-β₃β₁^{t-1}``).
 
   Returns:
     The scaling stage.
   """
   check_beta("b1", b1)
   check_beta("b2", b2)
+  if b3 is not None:
+    check_beta("b3", b3)
   check_nonnegative("eps", eps)
-  return Adam(b1, b2, eps, bias_correction, dtype)
+  return Adam(b1, b2, eps, bias_correction, dtype, b3)
 
 
 def _check_exponents(exponents: Any) -> None:
@@ -189,6 +204,7 @@ class KroneckerEigenvalues:
   dtype: Any = None
   cache_roots: bool = False
   momentum_in_eigenbasis: bool = False
+  b3: Any = None
 
   def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any) -> MomentumState:
     dtype = self.dtype or dtype
@@ -248,15 +264,19 @@ class KroneckerEigenvalues:
       )
     dtype = _compute_dtype(state.mu.dtype)
     old = state.mu.astype(dtype)
-    _, weight = tensor_ops.held(hold, self.b1, 1 - self.b1)
     grad = grad.astype(dtype)
     if self.momentum_in_eigenbasis:
       # The same projection as the estimator's (XLA computes it once for both).
       grad = tensor_ops.project(grad, bases)
-    mu = old + weight * (tensor_ops.zeroed(grad, hold) - old)
-    moment = mu
-    if self.bias_correction:
-      moment = mu / (1 - jnp.asarray(self.b1, dtype) ** step.astype(dtype))
+    mu, moment = tensor_ops.filtered_gradient(
+      old,
+      tensor_ops.zeroed(grad, hold),
+      self.b1,
+      step,
+      hold,
+      b3=self.b3,
+      bias_correction=self.bias_correction,
+    )
     if self.cache_roots:
       # Separable scaling with eigenvalues fixed between refreshes: one product per axis with
       # the root cached at the refresh, instead of projecting and unprojecting.
@@ -318,6 +338,8 @@ class EigenvalueCorrected:
   bias_correction: bool = True
   dtype: Any = None
   momentum_in_eigenbasis: bool = True
+  d_weight: Any = None
+  b3: Any = None
 
   def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any) -> CorrectedState:
     del mask
@@ -343,18 +365,22 @@ class EigenvalueCorrected:
     del eigenvalues
     dtype = _compute_dtype(state.mu.dtype)
     grad = tensor_ops.zeroed(grad.astype(dtype), hold)
-    b2, w2 = tensor_ops.held(hold, self.b2, 1 - self.b2)
-    _, w1 = tensor_ops.held(hold, self.b1, 1 - self.b1)
+    b2, w2 = tensor_ops.held(hold, self.b2, tensor_ops.accumulation_weight(self.b2, self.d_weight))
     projected = tensor_ops.project(grad, bases)
     nu = b2 * state.nu.astype(dtype) + w2 * projected**2
-    old = state.mu.astype(dtype)
     # In the eigenbasis the EMA folds the projection D needs anyway (the EMA is linear).
-    mu = old + w1 * ((projected if self.momentum_in_eigenbasis else grad) - old)
-    moment, second = mu, nu
-    if self.bias_correction:
-      t = step.astype(dtype)
-      moment = mu / (1 - jnp.asarray(self.b1, dtype) ** t)
-      second = nu / (1 - jnp.asarray(self.b2, dtype) ** t)
+    mu, moment = tensor_ops.filtered_gradient(
+      state.mu.astype(dtype),
+      projected if self.momentum_in_eigenbasis else grad,
+      self.b1,
+      step,
+      hold,
+      b3=self.b3,
+      bias_correction=self.bias_correction,
+    )
+    second = nu
+    if self.bias_correction and self.d_weight is None:
+      second = nu / tensor_ops.ema_correction(self.b2, step.astype(dtype), dtype)
     if not self.momentum_in_eigenbasis:
       moment = tensor_ops.project(moment, bases)
     scale = second ** jnp.asarray(self._exponent(grad.ndim), dtype) + self.eps
@@ -388,17 +414,20 @@ def eigenvalue_corrected(
   bias_correction: bool = True,
   dtype: Any = None,
   momentum_in_eigenbasis: bool = True,
+  d_weight: Any = None,
+  b3: Any = None,
 ) -> EigenvalueCorrected:
   """Distributed Shampoo's eigenvalue-corrected scaling (its SOAP,
   ``EigenvalueCorrectedShampooPreconditionerConfig``).
 
   .. math::
 
-    D \\leftarrow \\beta_2 D + (1-\\beta_2)\\,\\mathrm{proj}(G)^2,\\quad
+    D \\leftarrow \\beta_2 D + w\\,\\mathrm{proj}(G)^2,\\quad
     M \\leftarrow \\beta_1 M + (1-\\beta_1) G,\\quad
     U = \\mathrm{unproj}\\Big(\\frac{\\mathrm{proj}(\\hat M)}{\\hat D^{\\,e} + \\epsilon}\\Big)
 
-  with ``M̂ = M/(1-β₁ᵗ)``, ``D̂ = D/(1-β₂ᵗ)`` under bias correction and ``D`` updated in the
+  with ``w = 1-β₂`` (``1`` where ``β₂ = 1``: a sum), ``M̂ = M/(1-β₁ᵗ)``, ``D̂ = D/(1-β₂ᵗ)``
+  under bias correction (``D̂ = D`` for a sum or an explicit ``d_weight``) and ``D`` updated in the
   basis of this step (after a refresh, in the new one). Unlike :func:`adam` (SOAP), ``ε`` is
   added after the bias correction and ``D`` is neither rotated nor permuted at a refresh.
   Distributed Shampoo keeps ``M`` in parameter space and projects it every step; by default it
@@ -408,7 +437,7 @@ def eigenvalue_corrected(
 
   Args:
     b1: first-moment EMA weight in ``[0, 1)``.
-    b2: EMA weight of ``D`` in ``[0, 1)``.
+    b2: EMA weight of ``D`` in ``[0, 1]`` (``1``: a sum, Distributed Shampoo's ``β₂ = 1``).
     eps: ``ε``, added to ``D̂^e``, ``>= 0``.
     exponent: ``e``, a number or ``{order: e}`` (Distributed Shampoo's
       ``inverse_exponent_override`` for this config; orders it does not name take ½).
@@ -416,16 +445,25 @@ def eigenvalue_corrected(
     dtype: storage dtype of ``M`` and ``D`` (default: the parameter's dtype).
     momentum_in_eigenbasis: keep ``proj(M)`` (default), or ``M`` in parameter space as
       Distributed Shampoo does.
+    d_weight: ``w`` instead of ``1 - β₂``, in ``[0, 1]``; ``D`` is then not bias-corrected
+      (Distributed Shampoo's ``drop_weighting_factor_on_gsquare=True`` is ``d_weight=1``).
+    b3: ``β₃``, a look-ahead for the direction's filtered gradient,
+      ``(M_{t-1} + (1-β₃)(G - M_{t-1})) / (1 - β₃β₁^{t-1})`` (Distributed Shampoo's ``beta3``;
+      ``None``: ``β₁``, i.e. ``M̂``; see :func:`kl_precond.tensor_ops.filtered_gradient`).
 
   Returns:
     The scaling stage.
   """
   check_beta("b1", b1)
-  check_beta("b2", b2)
+  if b3 is not None:
+    check_beta("b3", b3)
+  check_beta_or_sum("b2", b2)
+  if d_weight is not None:
+    check_beta_or_sum("d_weight", d_weight)
   check_nonnegative("eps", eps)
   _check_exponents(exponent)
   return EigenvalueCorrected(
-    b1, b2, eps, exponent, bias_correction, dtype, bool(momentum_in_eigenbasis)
+    b1, b2, eps, exponent, bias_correction, dtype, bool(momentum_in_eigenbasis), d_weight, b3
   )
 
 
@@ -464,6 +502,7 @@ def kronecker_eigenvalues(
   dtype: Any = None,
   cache_roots: bool = False,
   momentum_in_eigenbasis: bool = False,
+  b3: Any = None,
 ) -> KroneckerEigenvalues:
   """Scale the momentum by powers of the factors' eigenvalues (KL-Shampoo, Shampoo).
 
@@ -496,11 +535,16 @@ def kronecker_eigenvalues(
       per axis instead of two). Needs ``eps_placement="inside"`` (a separable scaling) and
       eigenvalues that change only at refreshes (the ``frobenius`` estimator with an
       ``eigh_every`` basis: Shampoo); costs one ``d_i × d_i`` matrix per axis.
+    b3: ``β₃``, a look-ahead for the direction's filtered gradient,
+      ``(M_{t-1} + (1-β₃)(G - M_{t-1})) / (1 - β₃β₁^{t-1})`` (Distributed Shampoo's ``beta3``;
+      ``None``: ``β₁``, i.e. ``M̂``; see :func:`kl_precond.tensor_ops.filtered_gradient`).
 
   Returns:
     The scaling stage.
   """
   check_beta("b1", b1)
+  if b3 is not None:
+    check_beta("b3", b3)
   check_nonnegative("eps", eps)
   check_choice("eps_placement", eps_placement, ("inside", "outside"))
   _check_exponents(exponents)
@@ -523,4 +567,5 @@ def kronecker_eigenvalues(
     dtype,
     bool(cache_roots),
     bool(momentum_in_eigenbasis),
+    b3,
   )

@@ -50,11 +50,21 @@ def _grafted(
   layout: LayoutConfig,
   start: int,
   nonfinite: str,
+  bias_correction: bool = True,
+  b3: Any = None,
 ) -> optax.GradientTransformation:
   """``direction`` rescaled per block to the grafting optimizer's step norm (none: as is)."""
   if grafting_type is None:
     return direction
-  magnitude = grafting.graft_magnitude(grafting_type, b1, graft_b2, graft_eps, dtype=dtype)
+  magnitude = grafting.graft_magnitude(
+    grafting_type,
+    b1,
+    graft_b2,
+    graft_eps,
+    dtype=dtype,
+    debias_first_moment=bias_correction,
+    b3=b3,
+  )
   return grafting.graft(
     direction, magnitude, layout=layout, start_preconditioning_step=start, nonfinite=nonfinite
   )
@@ -105,14 +115,18 @@ def scale_by_shampoo(
   refresh: str = "eigh",
   qr_iterations: int | None = None,
   tolerance: Any = 0.0,
+  bias_correction: bool = True,
+  statistics_weight: Any = None,
+  trace_scaling: Any = None,
+  b3: Any = None,
 ) -> optax.GradientTransformation:
   """Shampoo with inverse roots from eigh and optional grafting (Gupta et al. 2018; Shi et al.).
 
   .. math::
 
-    L &\\leftarrow \\beta_2 L + (1-\\beta_2) G G^\\top,\\quad
-    R \\leftarrow \\beta_2 R + (1-\\beta_2) G^\\top G,\\quad
-    \\hat L = L / (1-\\beta_2^t) \\\\
+    L &\\leftarrow \\beta_2 L + w\\, G G^\\top,\\quad
+    R \\leftarrow \\beta_2 R + w\\, G^\\top G,\\quad
+    \\hat L = L / (1-\\beta_2^t),\\quad w = 1-\\beta_2 \\\\
     D &= (\\hat L + \\epsilon I)^{-a}\\, \\bar G\\, (\\hat R + \\epsilon I)^{-b},\\qquad
     \\bar G = \\frac{M}{1-\\beta_1^t},\\ M \\leftarrow \\beta_1 M + (1-\\beta_1) G
 
@@ -124,7 +138,8 @@ def scale_by_shampoo(
 
   Args:
     b1: EMA weight of the filtered gradient ``M``.
-    b2: EMA weight of the factors.
+    b2: EMA weight of the factors, in ``[0, 1]`` (``1``: a sum, as the original Shampoo and
+      Distributed Shampoo's default ``betas=(0.9, 1.0)``).
     eps: ``ε``: the ridge added inside the root, and the eigenvalue floor.
     exponents: ``a, b, …``: ``None`` for ``1/(2k)`` on an order-``k`` block, a number, a
       per-axis tuple (for the blocks of its length's order; others take ``1/(2k)``), or
@@ -167,6 +182,18 @@ def scale_by_shampoo(
     tolerance: keep a block's basis (eigh) or stop iterating (QR) where ``Qᵀ(L̂+εI)Q`` is
       diagonal to this relative tolerance (``EigendecompositionConfig.tolerance``); stores the
       bases when nonzero.
+    bias_correction: divide the factors by ``1-β₂ᵗ`` (only for an EMA: not with ``β₂ = 1`` or a
+      ``statistics_weight``) and ``M`` by ``1-β₁ᵗ``, in the direction and in the grafting
+      optimizer's ``Ḡ`` (Distributed Shampoo's ``use_bias_correction``).
+    statistics_weight: ``w``, the weight of each new outer product, instead of ``1-β₂``
+      (``1`` where ``β₂ = 1``: a sum); given, it turns their bias correction off (Distributed
+      Shampoo's ``drop_weighting_factor_on_gsquare=True`` is ``1``).
+    trace_scaling: ``e``: each factor handed to the refresh is multiplied by
+      ``max(tr L̂, ε)^(-e)`` (Distributed Shampoo's ``use_trace_scaling`` with
+      ``trace_scaling_exponent``); ``None``: off.
+    b3: ``β₃``: the filtered gradient looks ahead,
+      ``Ḡ = (M_{t-1} + (1-β₃)(G - M_{t-1})) / (1 - β₃β₁^{t-1})``, in the direction and the
+      grafting (Distributed Shampoo's ``beta3``; ``β₃ = β₁²`` is NAdam-like); ``None``: ``β₁``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -210,28 +237,48 @@ def scale_by_shampoo(
       tolerance=tolerance,
       dtype=dtype,
     )
+  statistics = dict(
+    bias_correction=bias_correction,
+    dtype=dtype,
+    weight=statistics_weight,
+    trace_scaling=trace_scaling,
+    trace_floor=eps,
+  )
   direction = preconditioner.scale_by_preconditioner(
-    estimators.kl_roots(b2, exponents=exponents, dtype=dtype)
+    estimators.kl_roots(b2, exponents=exponents, **statistics)
     if kl_factors
-    else estimators.frobenius(b2, bias_correction=True, dtype=dtype),
+    else estimators.frobenius(b2, **statistics),
     basis,
     scaling.kronecker_eigenvalues(
       b1,
       0.0,
       exponents=exponents,
       eps_placement="inside",
-      bias_correction=True,
+      bias_correction=bias_correction,
       dtype=dtype,
       cache_roots=cache_roots,
+      b3=b3,
     ),
     layout=layout,
-    fallback=scaling.adam(b1, graft_b2, graft_eps, dtype=dtype),
+    fallback=scaling.adam(
+      b1, graft_b2, graft_eps, bias_correction=bias_correction, dtype=dtype, b3=b3
+    ),
     first_call="identity",
     statistics_first=True,
     nonfinite=nonfinite,
   )
   return _grafted(
-    direction, grafting_type, b1, graft_b2, graft_eps, dtype, layout, start, nonfinite
+    direction,
+    grafting_type,
+    b1,
+    graft_b2,
+    graft_eps,
+    dtype,
+    layout,
+    start,
+    nonfinite,
+    bias_correction,
+    b3,
   )
 
 
@@ -255,16 +302,20 @@ def scale_by_eigenvalue_corrected_shampoo(
   layout: LayoutConfig | None = None,
   dtype: Any = None,
   nonfinite: str = "skip",
+  bias_correction: bool = True,
+  statistics_weight: Any = None,
+  trace_scaling: Any = None,
+  b3: Any = None,
 ) -> optax.GradientTransformation:
   """Distributed Shampoo's eigenvalue-corrected Shampoo (its SOAP: ``DefaultSOAPConfig``,
   ``EigenvalueCorrectedShampooPreconditionerConfig``).
 
   .. math::
 
-    L &\\leftarrow \\beta_2 L + (1-\\beta_2) G G^\\top,\\quad
+    L &\\leftarrow \\beta_2 L + w\\, G G^\\top,\\quad
     Q_L \\leftarrow \\text{refresh}(L / (1-\\beta_2^t) + \\epsilon I)
       \\ \\text{every}\\ T\\ \\text{steps} \\\\
-    D &\\leftarrow \\beta_2 D + (1-\\beta_2) (Q_L^\\top G Q_R)^2,\\qquad
+    D &\\leftarrow \\beta_2 D + w\\, (Q_L^\\top G Q_R)^2,\\qquad w = 1-\\beta_2,\\qquad
     U = Q_L \\frac{Q_L^\\top \\hat M Q_R}{\\hat D^{\\,e} + \\epsilon} Q_R^\\top
 
   in that order within a step (statistics, refresh, then ``D`` and the direction in the new
@@ -277,7 +328,7 @@ def scale_by_eigenvalue_corrected_shampoo(
 
   Args:
     b1: EMA weight of the first moment ``M`` (parameter space).
-    b2: EMA weight of the factors and of ``D``.
+    b2: EMA weight of the factors and of ``D``, in ``[0, 1]`` (``1``: sums).
     eps: ``ε``: the ridge of the refreshes and the term added to ``D̂^e``.
     exponent: ``e`` (½), or ``{order: e}`` (Distributed Shampoo's ``inverse_exponent_override``
       for this config).
@@ -299,6 +350,18 @@ def scale_by_eigenvalue_corrected_shampoo(
     layout: a full :class:`LayoutConfig` instead of the default (blocking on).
     dtype: storage dtype of all state; decompositions run in float32 or higher.
     nonfinite: ``"skip"`` or ``"propagate"`` calls with NaN/Inf gradients.
+    bias_correction: divide the factors and ``D`` by ``1-β₂ᵗ`` (only for an EMA: not with ``β₂ = 1`` or a
+      ``statistics_weight``) and ``M`` by ``1-β₁ᵗ``, in the direction and in the grafting
+      optimizer's ``Ḡ`` (Distributed Shampoo's ``use_bias_correction``).
+    statistics_weight: ``w``, the weight of each new outer product and of ``D``, instead of ``1-β₂``
+      (``1`` where ``β₂ = 1``: a sum); given, it turns their bias correction off (Distributed
+      Shampoo's ``drop_weighting_factor_on_gsquare=True`` is ``1``).
+    trace_scaling: ``e``: each factor handed to the refresh is multiplied by
+      ``max(tr L̂, ε)^(-e)`` (Distributed Shampoo's ``use_trace_scaling`` with
+      ``trace_scaling_exponent``); ``None``: off.
+    b3: ``β₃``: the filtered gradient looks ahead,
+      ``Ḡ = (M_{t-1} + (1-β₃)(G - M_{t-1})) / (1 - β₃β₁^{t-1})``, in the direction and the
+      grafting (Distributed Shampoo's ``beta3``; ``β₃ = β₁²`` is NAdam-like); ``None``: ``β₁``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -338,16 +401,42 @@ def scale_by_eigenvalue_corrected_shampoo(
       dtype=dtype,
     )
   direction = preconditioner.scale_by_preconditioner(
-    estimators.frobenius(b2, bias_correction=True, dtype=dtype),
+    estimators.frobenius(
+      b2,
+      bias_correction=bias_correction,
+      dtype=dtype,
+      weight=statistics_weight,
+      trace_scaling=trace_scaling,
+      trace_floor=eps,
+    ),
     basis,
-    scaling.eigenvalue_corrected(b1, b2, eps, exponent=exponent, dtype=dtype),
+    scaling.eigenvalue_corrected(
+      b1,
+      b2,
+      eps,
+      exponent=exponent,
+      bias_correction=bias_correction,
+      dtype=dtype,
+      d_weight=statistics_weight,
+      b3=b3,
+    ),
     layout=layout,
     first_call="identity",
     statistics_first=True,
     nonfinite=nonfinite,
   )
   return _grafted(
-    direction, grafting_type, b1, graft_b2, graft_eps, dtype, layout, start, nonfinite
+    direction,
+    grafting_type,
+    b1,
+    graft_b2,
+    graft_eps,
+    dtype,
+    layout,
+    start,
+    nonfinite,
+    bias_correction,
+    b3,
   )
 
 
@@ -374,6 +463,10 @@ def eigenvalue_corrected_shampoo(
   layout: LayoutConfig | None = None,
   dtype: Any = None,
   nonfinite: str = "skip",
+  bias_correction: bool = True,
+  statistics_weight: Any = None,
+  trace_scaling: Any = None,
+  b3: Any = None,
 ) -> optax.GradientTransformation:
   """Distributed Shampoo's eigenvalue-corrected Shampoo with decoupled weight decay:
   ``W ← W - η(P + λW)``, ``P`` from :func:`scale_by_eigenvalue_corrected_shampoo` (after
@@ -404,6 +497,10 @@ def eigenvalue_corrected_shampoo(
     layout=layout,
     dtype=dtype,
     nonfinite=nonfinite,
+    bias_correction=bias_correction,
+    statistics_weight=statistics_weight,
+    trace_scaling=trace_scaling,
+    b3=b3,
   )
   return _with_decay(direction, learning_rate, weight_decay, mask)
 
@@ -434,6 +531,10 @@ def shampoo(
   refresh: str = "eigh",
   qr_iterations: int | None = None,
   tolerance: Any = 0.0,
+  bias_correction: bool = True,
+  statistics_weight: Any = None,
+  trace_scaling: Any = None,
+  b3: Any = None,
 ) -> optax.GradientTransformation:
   """Shampoo with decoupled weight decay: ``W ← W - η(P + λW)``, ``P`` from
   :func:`scale_by_shampoo` (after grafting, as in Distributed Shampoo).
@@ -466,6 +567,10 @@ def shampoo(
     refresh=refresh,
     qr_iterations=qr_iterations,
     tolerance=tolerance,
+    bias_correction=bias_correction,
+    statistics_weight=statistics_weight,
+    trace_scaling=trace_scaling,
+    b3=b3,
   )
   return _with_decay(direction, learning_rate, weight_decay, mask)
 

@@ -142,6 +142,61 @@ def held(hold: Any, beta: Any, weight: Any) -> tuple[Any, Any]:
   return jnp.where(hold, 1, beta), jnp.where(hold, 0, weight)
 
 
+def accumulation_weight(beta: Any, weight: Any = None) -> Any:
+  """The weight ``w`` of a new statistic in ``β·x + w·s``: ``weight`` if given, else ``1 - β``
+  for an EMA and ``1`` where ``β = 1`` (a sum, as Distributed Shampoo accumulates with β₂ = 1)."""
+  if weight is not None:
+    return weight
+  if isinstance(beta, (int, float)):
+    return 1.0 if beta == 1 else 1 - beta
+  return jnp.where(beta == 1, 1, 1 - beta)
+
+
+def ema_correction(beta: Any, step: jax.Array, dtype: Any) -> jax.Array:
+  """Adam's bias correction ``1 - βᵗ`` of an EMA started at zero; ``1`` where ``β = 1``."""
+  beta = jnp.asarray(beta, dtype)
+  return jnp.where(beta < 1, 1 - beta ** jnp.asarray(step, dtype), jnp.ones((), dtype))
+
+
+def filtered_gradient(
+  old: jax.Array,
+  grad: jax.Array,
+  b1: Any,
+  step: jax.Array,
+  hold: Any = None,
+  *,
+  b3: Any = None,
+  bias_correction: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+  """``(M, Ḡ)``: the first moment ``M ← M + (1-β₁)(G - M)`` and the filtered gradient a
+  direction is computed from, ``Ḡ = M / (1-β₁ᵗ)``.
+
+  With ``b3`` (Distributed Shampoo's ``beta3``: a look-ahead, e.g. NAdam-like with
+  ``β₃ = β₁²``), ``Ḡ = (M_{t-1} + (1-β₃)(G - M_{t-1})) / (1 - β₃β₁^{t-1})``, which is the above
+  when ``β₃ = β₁``; ``b3`` is ignored when ``β₁`` is a concrete 0 (``Ḡ = G``, as there). Without
+  ``bias_correction`` there is no division. ``grad`` must be zeroed where ``hold`` is set; ``M``
+  then comes back unchanged.
+  """
+  _, weight = held(hold, b1, 1 - b1)
+  mu = old + weight * (grad - old)
+  moment = mu if _no_look_ahead(b1, b3) else old + (1 - jnp.asarray(b3, mu.dtype)) * (grad - old)
+  if bias_correction:
+    moment = moment / filtered_correction(b1, step, mu.dtype, b3=b3)
+  return mu, moment
+
+
+def _no_look_ahead(b1: Any, b3: Any) -> bool:
+  return b3 is None or (isinstance(b1, (int, float)) and b1 == 0)
+
+
+def filtered_correction(b1: Any, step: jax.Array, dtype: Any, *, b3: Any = None) -> jax.Array:
+  """The bias correction of :func:`filtered_gradient`: ``1-β₁ᵗ``, or ``1-β₃β₁^{t-1}``."""
+  t = jnp.asarray(step).astype(dtype)
+  if _no_look_ahead(b1, b3):
+    return 1 - jnp.asarray(b1, dtype) ** t
+  return 1 - jnp.asarray(b3, dtype) * jnp.asarray(b1, dtype) ** (t - 1)
+
+
 def zeroed(x: jax.Array, hold: Any) -> jax.Array:
   """``x``, or zeros where the traced flag ``hold`` is set (None: never), so NaN cannot leak."""
   return x if hold is None else jnp.where(hold, jnp.zeros_like(x), x)

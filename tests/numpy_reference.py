@@ -169,6 +169,37 @@ def _diagonal_enough(b, tolerance):
   return bool(off <= tolerance * norm)
 
 
+def _accumulation(b2, t, use_bias_correction, drop_weighting):
+  """Distributed Shampoo's weight of a new outer product and its ``bias_correction2``: weight 1
+  for a sum (``β₂ = 1``) or with ``drop_weighting_factor_on_gsquare``, else ``1 - β₂``; the
+  factors are divided by ``1 - β₂ᵗ`` only when they are an EMA and bias correction is on."""
+  weighting = 1.0 if drop_weighting or b2 == 1.0 else 1 - b2
+  corrected = use_bias_correction and b2 < 1.0 and not drop_weighting
+  return weighting, (1 - b2**t if corrected else 1.0)
+
+
+def _trace_scaled(a, exponent, eps):
+  """``use_trace_scaling``: the bias-corrected factor times ``max(tr, ε)^(-exponent)``."""
+  if exponent is None:
+    return a
+  return a * max(np.trace(a), eps) ** -exponent
+
+
+def _filtered(m, g, t, b1, beta3, use_bias_correction):
+  """Distributed Shampoo's ``_compute_filtered_grad_list``: ``beta3 = -1`` means ``b1``; a
+  ``beta3 ≠ b1`` lerps the old EMA towards ``G`` with ``1 - beta3``; the correction is
+  ``1 - beta3·b1^(t-1)``; with ``b1 = 0`` the raw gradient. Returns ``(M, Ḡ)``."""
+  if b1 == 0:
+    return m, g
+  beta3 = b1 if beta3 == -1 else beta3
+  ahead = m + (1 - beta3) * (g - m)
+  m = m + (1 - b1) * (g - m)
+  filtered = ahead if beta3 != b1 else m
+  if use_bias_correction:
+    filtered = filtered / (1 - beta3 * b1 ** (t - 1))
+  return m, filtered
+
+
 def _grafted(shampoo, filtered, g, v, t, start, graft):
   """Distributed Shampoo's Adam grafting (``graft = (beta2, epsilon)``, or ``None``): the
   filtered gradient over Adam's denominator alone before ``start``, after it the Shampoo
@@ -200,6 +231,10 @@ def distributed_shampoo_reference(
   refresh="eigh",
   iterations=1,
   tolerance=0.0,
+  use_bias_correction=True,
+  drop_weighting=False,
+  trace_scaling=None,
+  beta3=-1.0,
 ):
   """Distributed Shampoo's root-inverse Shampoo (``kl=True``: its simplified KL-Shampoo), one
   block per tensor, written from the golden sidecars' ``semantics`` (shared/golden). With
@@ -209,8 +244,12 @@ def distributed_shampoo_reference(
 
   ``init``: one array; ``grads``: a list of arrays. ``graft``: ``None`` or Adam grafting's
   ``(beta2, epsilon)``. ``exponents``: per-axis root exponents (default ``1/(2·order)``; ``0``:
-  the axis is not preconditioned). Decoupled weight decay, ``W ← W - lr (P + λW)``. Returns the
-  parameter trajectory ``[W_0, W_1, ...]``.
+  the axis is not preconditioned). ``use_bias_correction``, ``drop_weighting``
+  (``drop_weighting_factor_on_gsquare``) and ``trace_scaling`` (``trace_scaling_exponent`` when
+  ``use_trace_scaling``, else ``None``) and ``beta3`` as Distributed Shampoo's options; ``b2 = 1``
+  sums.
+  Decoupled weight decay, ``W ← W - lr (P + λW)``. Returns the parameter trajectory
+  ``[W_0, W_1, ...]``.
   """
   w = np.array(init, dtype=np.float64)
   order = w.ndim
@@ -233,11 +272,12 @@ def distributed_shampoo_reference(
           if j != k:
             x = mode_apply(x, inverse[j], j)
       outer[k] = unfold(x, k) @ unfold(x, k).T
+    weighting, bc2 = _accumulation(b2, t, use_bias_correction, drop_weighting)
     for k in axes:
-      factors[k] = b2 * factors[k] + (1 - b2) * outer[k]
+      factors[k] = b2 * factors[k] + weighting * outer[k]
     if (t % every == 0 and t > start) or t == start:
       for k in axes:
-        a = factors[k] / (1 - b2**t) + eps * np.eye(w.shape[k])
+        a = _trace_scaled(factors[k] / bc2, trace_scaling, eps) + eps * np.eye(w.shape[k])
         q = vectors_of[k]
         estimate = q.T @ a @ q
         if refresh == "qr":
@@ -257,8 +297,7 @@ def distributed_shampoo_reference(
         if lam.min() < eps:
           lam = lam - lam.min() + eps
         inverse[k] = vectors @ np.diag(lam ** -exponents[k]) @ vectors.T
-    m = b1 * m + (1 - b1) * g
-    filtered = m / (1 - b1**t)
+    m, filtered = _filtered(m, g, t, b1, beta3, use_bias_correction)
     shampoo = filtered
     for k in axes:
       shampoo = mode_apply(shampoo, inverse[k], k)
@@ -285,11 +324,17 @@ def eigenvalue_corrected_reference(
   exponent=0.5,
   unrotated=(),
   graft=None,
+  use_bias_correction=True,
+  drop_weighting=False,
+  trace_scaling=None,
+  beta3=-1.0,
 ):
   """Distributed Shampoo's eigenvalue-corrected Shampoo (``DefaultSOAPConfig`` with
   ``refresh="qr"``, ``EighEigendecompositionConfig`` with ``"eigh"``), one block per tensor,
   written from the ``eigenvalue_corrected`` golden sidecar's ``semantics`` and Distributed
-  Shampoo's ``matrix_eigendecomposition``. ``unrotated``: axes that keep the identity basis.
+  Shampoo's ``matrix_eigendecomposition``. ``unrotated``: axes that keep the identity basis;
+  ``use_bias_correction``, ``drop_weighting``, ``trace_scaling``, ``beta3`` as in
+  :func:`distributed_shampoo_reference` (the weight and correction of ``D`` are the factors').
   Returns the parameter trajectory ``[W_0, W_1, ...]``."""
   w = np.array(init, dtype=np.float64)
   axes = [k for k in range(w.ndim) if k not in unrotated]
@@ -300,12 +345,12 @@ def eigenvalue_corrected_reference(
   trajectory = [w.copy()]
   for t, g in enumerate(grads, start=1):
     g = np.asarray(g, np.float64)
+    weighting, bc2 = _accumulation(b2, t, use_bias_correction, drop_weighting)
     for k in axes:
-      factors[k] = b2 * factors[k] + (1 - b2) * unfold(g, k) @ unfold(g, k).T
-    bc2 = 1 - b2**t
+      factors[k] = b2 * factors[k] + weighting * unfold(g, k) @ unfold(g, k).T
     if (t % every == 0 and t > start) or t == start:
       for k in axes:
-        a = factors[k] / bc2 + eps * np.eye(w.shape[k])
+        a = _trace_scaled(factors[k] / bc2, trace_scaling, eps) + eps * np.eye(w.shape[k])
         q = bases[k]
         estimate = q.T @ a @ q
         if refresh == "qr":
@@ -319,9 +364,8 @@ def eigenvalue_corrected_reference(
           bases[k] = q[:, order]
         elif not (tolerance and _diagonal_enough(estimate, tolerance)):
           _, bases[k] = np.linalg.eigh(a)
-    corrected = b2 * corrected + (1 - b2) * rotate(g, bases, transpose=True) ** 2
-    m = b1 * m + (1 - b1) * g
-    filtered = m / (1 - b1**t)
+    corrected = b2 * corrected + weighting * rotate(g, bases, transpose=True) ** 2
+    m, filtered = _filtered(m, g, t, b1, beta3, use_bias_correction)
     scaled = rotate(filtered, bases, transpose=True) / ((corrected / bc2) ** exponent + eps)
     shampoo = rotate(scaled, bases, transpose=False)
     direction, v = _grafted(shampoo, filtered, g, v, t, start, graft)

@@ -203,8 +203,10 @@ def test_parity_maps_eigenvalue_corrected_configurations(tmp_path, config, graft
 @pytest.mark.parametrize(
   "config",
   [
-    "EigenvalueCorrectedShampooPreconditionerConfig(drop_weighting_factor_on_gsquare=True)",
-    "RootInvShampooPreconditionerConfig(use_trace_scaling=True)",
+    "EigenvalueCorrectedShampooPreconditionerConfig(amortized_computation_config="
+    "EighEigendecompositionConfig(rank_deficient_stability_config="
+    "PerturbationConfig(perturb_before_computation=False)))",
+    "RootInvShampooPreconditionerConfig(amortized_computation_config=EigenConfig(some_option=1))",
     "RootInvShampooPreconditionerConfig(amortized_computation_config=CoupledNewtonConfig())",
     "EigenvalueCorrectedShampooPreconditionerConfig(amortized_computation_config="
     "EighEigendecompositionConfig(rank_deficient_stability_config=PseudoInverseConfig()))",

@@ -217,11 +217,14 @@ def test_distributed_shampoo_options_map_to_ours():
   assert rule.layout.merge_small_dims and rule.layout.blocking
   assert rule.layout.unfactored_axes == ((2, (1,)),)
   assert rule.learning_rate == float(np.float32(0.01))
-  with pytest.raises(parity.Unsupported, match="beta3"):
+  with pytest.raises(parity.Unsupported, match="iterate averaging"):
     parity.recipe(
       {
         "reference": {"class": "distributed_shampoo.DistributedShampoo"},
-        "constructor_kwargs": {**kwargs, "beta3": 0.5},
+        "constructor_kwargs": {
+          **kwargs,
+          "iterate_averaging_config": "GeneralizedPrimalAveragingConfig()",
+        },
       }
     )
 

@@ -39,6 +39,9 @@ KL = ("kl_soap", "kl_shampoo")
 SHAMPOO = ("shampoo", "adamw_shampoo")
 
 BAD_BETAS = (-0.1, 1.0, 1.5, math.nan, np.float32(1.0), jnp.asarray(-0.5))
+# The Shampoo family's b2 may be 1 (a sum, as Distributed Shampoo's default).
+BAD_SUM_BETAS = (-0.1, 1.5, math.nan, np.float32(1.001), jnp.asarray(-0.5))
+SUMS = ("shampoo", "adamw_shampoo", "eigenvalue_corrected_shampoo")
 BAD_FREQUENCIES = (0, -1, 2.0, 2.5, "2", None, True, np.int64(0))
 
 
@@ -53,7 +56,8 @@ def _cases(option, methods, values, marks=(), shown=None):
 
 REJECTED = (
   _cases("b1", ALL, BAD_BETAS)
-  + _cases("b2", ALL, BAD_BETAS)
+  + _cases("b2", [m for m in ALL if m not in SUMS], BAD_BETAS)
+  + _cases("b2", SUMS, BAD_SUM_BETAS)
   + _cases("shampoo_beta", SOAP_AND_KL, BAD_BETAS)
   + _cases("graft_b2", ["shampoo", "eigenvalue_corrected_shampoo"], BAD_BETAS)
   + _cases("eps", ALL, (-1e-8, -1.0, math.nan))
