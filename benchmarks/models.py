@@ -190,7 +190,8 @@ def make_optimizer(
   blocks: bool = False,
 ) -> optax.GradientTransformation:
   """The named optimizer; ``LookupError`` if this version of kl_precond lacks it. ``shampoo+qr``
-  and ``adamw_shampoo+qr`` take ``refresh="qr"``.
+  and ``adamw_shampoo+qr`` take ``refresh="qr"``, ``shampoo+kl`` and ``adamw_shampoo+kl``
+  ``kl_factors=True`` (Distributed Shampoo's KL-Shampoo).
 
   ``blocks=True``: every axis longer than ``max_precond_dim`` is split into blocks of at most
   that size, for every method (the Shampoo variants do this anyway; SOAP and the KL methods get
@@ -202,12 +203,17 @@ def make_optimizer(
   import kl_precond as kp
 
   options: dict[str, Any] = {"precondition_frequency": frequency}
-  # ``shampoo+qr``: the Shampoo variants with roots from the warm-started QR algorithm.
+  # ``shampoo+qr``: the Shampoo variants with roots from the warm-started QR algorithm;
+  # ``shampoo+kl``: with factors of the gradient whitened by the other factors' roots.
   name, _, variant = name.partition("+")
+  variants = {"qr": {"refresh": "qr"}, "kl": {"kl_factors": True}}
   if variant:
-    if variant != "qr" or name not in ("shampoo", "adamw_shampoo"):
-      raise LookupError(f"no variant `{variant}` of `{name}` (known: shampoo+qr, adamw_shampoo+qr)")
-    options["refresh"] = "qr"
+    if variant not in variants or name not in ("shampoo", "adamw_shampoo"):
+      raise LookupError(
+        f"no variant `{variant}` of `{name}` (known: shampoo+qr, shampoo+kl and the same of "
+        "adamw_shampoo)"
+      )
+    options.update(variants[variant])
   if blocks and name not in BLOCKING_BY_DEFAULT:
     options["layout"] = kp.LayoutConfig(max_precond_dim, blocking=True)
   else:

@@ -439,3 +439,39 @@ def test_peers_in_this_venv_runs_workers_here_with_the_peer_copies(tmp_path, mon
   text = (tmp_path / "peers.md").read_text()
   assert f"in this venv (its jax; peer packages from `{copies}`" in text
   assert "jax 0.5.3 venv" not in text
+
+
+@pytest.mark.parametrize("name", ["shampoo", "adamw_shampoo"])
+def test_make_optimizer_variants_are_the_options_they_name(name):
+  """``+qr`` and ``+kl`` give the same updates as the factory with ``refresh="qr"`` and
+  ``kl_factors=True``, and differ from the plain method; unknown variants are refused."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from benchmarks import models
+
+  params = {"w": jnp.ones((6, 4)) * 0.1}
+  grads = [{"w": jnp.asarray(np.random.default_rng(t).standard_normal((6, 4)))} for t in range(4)]
+
+  def run(tx):
+    state, out = tx.init(params), None
+    for g in grads:
+      out, state = tx.update(g, state, params)
+    return np.asarray(out["w"])
+
+  factory = getattr(kp, name)
+  kwargs = {"grafting_type": "adam"} if name == "shampoo" else {}
+  plain = run(models.make_optimizer(name, 2, 64))
+  for variant, option in (("qr", {"refresh": "qr"}), ("kl", {"kl_factors": True})):
+    ours = run(models.make_optimizer(f"{name}+{variant}", 2, 64))
+    expected = run(
+      factory(
+        models.LEARNING_RATE, precondition_frequency=2, max_precond_dim=64, **option, **kwargs
+      )
+    )
+    np.testing.assert_allclose(ours, expected, rtol=1e-6)
+    assert np.max(np.abs(ours - plain)) > 1e-6 * np.max(np.abs(plain))
+  with pytest.raises(LookupError, match="variant"):
+    models.make_optimizer(f"{name}+bogus", 2, 64)
+  with pytest.raises(LookupError, match="variant"):
+    models.make_optimizer("soap+kl", 2, 64)
