@@ -61,6 +61,8 @@ class Recipe:
       ridge-regularised factors).
     first_basis_call: the call (1-based) whose factors give the first basis; well-posedness
       is judged on the factors accumulated up to it.
+    momentum: a transform applied to ``U + λW`` (``"decoupled"``) or ``U`` (``"l2"``) before
+      ``W ← W - η·``its output (Distributed Shampoo's ``ClassicMomentumConfig``), or ``None``.
   """
 
   transform: optax.GradientTransformation
@@ -71,6 +73,7 @@ class Recipe:
   layout: layout_lib.LayoutConfig | None
   tolerance_x64: float = TOLERANCE_X64
   first_basis_call: int = 1
+  momentum: optax.GradientTransformation | None = None
 
 
 _SOAP_KWARGS = {
@@ -371,8 +374,7 @@ def _meta_recipe(kwargs: dict[str, Any]) -> Recipe:
   _check_kwargs("DistributedShampoo", kwargs, _META_KWARGS)
   b1, b2 = kwargs.get("betas", (0.9, 1.0))
   beta3 = kwargs.get("beta3", -1.0)
-  if kwargs.get("iterate_averaging_config") is not None:
-    raise Unsupported("iterate averaging has no kl_precond equivalent")
+  momentum = _meta_momentum(kwargs.get("iterate_averaging_config"))
   config, options = _meta_preconditioner(kwargs.get("preconditioner_config"))
   statistics = _meta_statistics(options, bool(kwargs.get("use_bias_correction", True)))
   # ``beta3 = -1`` means β₁; otherwise the filtered gradient looks ahead with it.
@@ -434,18 +436,58 @@ def _meta_recipe(kwargs: dict[str, Any]) -> Recipe:
       **statistics,
     )
     replay_layout = transform_layout(layout, exponents)
-  decay = "l2" if "L2" in str(kwargs.get("weight_decay_type", "DECOUPLED")) else "decoupled"
+  decay, weight_decay = _meta_weight_decay(kwargs)
   # The reference keeps lr in a float32 tensor.
   learning_rate = float(np.float32(kwargs.get("lr", 1e-2)))
   return Recipe(
     transform,
     learning_rate,
-    kwargs.get("weight_decay", 0.0),
+    weight_decay,
     decay,
     False,
     replay_layout,
     TOLERANCE_META_X64,
     start,
+    momentum,
+  )
+
+
+def _meta_weight_decay(kwargs: dict[str, Any]) -> tuple[str, float]:
+  """Distributed Shampoo's ``weight_decay_type`` as ``(decay_order, λ)``: ``L2`` adds ``λW`` to
+  the gradient; the others add ``αW`` to the search direction, with ``α = λ`` (``DECOUPLED``),
+  ``λ·lr_t/peak_lr`` (``CORRECTED``; ``lr_t`` read back from a float32 tensor, ``peak_lr`` the
+  constructor's ``lr``: a constant lr gives ``λ`` up to float32 rounding) or ``λ/peak_lr``
+  (``INDEPENDENT``)."""
+  kind = str(kwargs.get("weight_decay_type", "DECOUPLED")).rsplit(".", 1)[-1]
+  decay = float(kwargs.get("weight_decay", 0.0))
+  lr = float(kwargs.get("lr", 1e-2))
+  alphas = {
+    "L2": decay,
+    "DECOUPLED": decay,
+    "CORRECTED": decay * float(np.float32(lr)) / lr,
+    "INDEPENDENT": decay / lr,
+  }
+  if kind not in alphas:
+    raise Unsupported(f"weight_decay_type {kind} has no kl_precond equivalent")
+  return ("l2" if kind == "L2" else "decoupled"), alphas[kind]
+
+
+def _meta_momentum(text: Any) -> optax.GradientTransformation | None:
+  """``ClassicMomentumConfig(momentum=μ, dampening=d, use_nesterov=n)``: ``M ← μM + (1-d)P``,
+  then ``P ← (1-d)P + μM`` (Nesterov) or ``M``, i.e. ``optax.scale(1-d)`` then
+  ``optax.trace(μ, n)``. Generalized primal averaging and Schedule-Free are refused."""
+  name, options = _parse_call(None if text is None else str(text))
+  if name is None:
+    return None
+  if name != "ClassicMomentumConfig":
+    raise Unsupported(f"iterate averaging {name} has no kl_precond equivalent")
+  unknown = set(options) - {"momentum", "dampening", "use_nesterov"}
+  if unknown:
+    raise Unsupported(f"ClassicMomentumConfig options {sorted(unknown)} have no equivalent")
+  dampening = float(options.get("dampening", 0.0))
+  return optax.chain(
+    optax.scale(1 - dampening),
+    optax.trace(float(options.get("momentum", 0.5)), bool(options.get("use_nesterov", False))),
   )
 
 
@@ -532,6 +574,8 @@ def _replay(path: str | pathlib.Path, x64: bool, inject: str) -> dict[str, np.nd
   # The innermost transform of the replayed chain carries the bases (injection acts on it).
   state = rule.transform.init(params)
   update = jax.jit(rule.transform.update)
+  momentum = rule.momentum
+  momentum_state = None if momentum is None else momentum.init(params)
   inject_fn = _injector(arrays, names, rule, params, inject, x64)
   trajectory = {n: [np.asarray(params[n])] for n in names}
   for call in range(grads[names[0]].shape[0]):
@@ -540,7 +584,12 @@ def _replay(path: str | pathlib.Path, x64: bool, inject: str) -> dict[str, np.nd
       grad = {n: grad[n] + decay * params[n] for n in names}
     direction, state = update(grad, state, params)
     state = inject_fn(state, call)
-    if not (rule.skips_first_call and call == 0):
+    if momentum is not None:
+      if rule.decay_order == "decoupled":
+        direction = {n: direction[n] + decay * params[n] for n in names}
+      direction, momentum_state = momentum.update(direction, momentum_state)
+      params = _apply(params, direction, learning_rate, decay, "l2")
+    elif not (rule.skips_first_call and call == 0):
       params = _apply(params, direction, learning_rate, decay, rule.decay_order)
     for n in names:
       trajectory[n].append(np.asarray(params[n]))

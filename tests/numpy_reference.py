@@ -200,6 +200,18 @@ def _filtered(m, g, t, b1, beta3, use_bias_correction):
   return m, filtered
 
 
+def _descend(w, direction, lr, weight_decay, momentum, buffer):
+  """``W ← W - lr·P`` with ``P = direction + λW`` (decoupled decay added to the search direction)
+  and, with ``momentum = (μ, dampening, nesterov)`` (``ClassicMomentumConfig``),
+  ``M ← μM + (1-d)P`` and ``P ← (1-d)P + μM`` (Nesterov) or ``M``. Returns ``(W, M)``."""
+  p = direction + weight_decay * w
+  if momentum is not None:
+    mu, dampening, nesterov = momentum
+    buffer = mu * buffer + (1 - dampening) * p
+    p = (1 - dampening) * p + mu * buffer if nesterov else buffer
+  return w - lr * p, buffer
+
+
 def _grafted(shampoo, filtered, g, v, t, start, graft):
   """Distributed Shampoo's Adam grafting (``graft = (beta2, epsilon)``, or ``None``): the
   filtered gradient over Adam's denominator alone before ``start``, after it the Shampoo
@@ -235,6 +247,7 @@ def distributed_shampoo_reference(
   drop_weighting=False,
   trace_scaling=None,
   beta3=-1.0,
+  momentum=None,
 ):
   """Distributed Shampoo's root-inverse Shampoo (``kl=True``: its simplified KL-Shampoo), one
   block per tensor, written from the golden sidecars' ``semantics`` (shared/golden). With
@@ -247,7 +260,7 @@ def distributed_shampoo_reference(
   the axis is not preconditioned). ``use_bias_correction``, ``drop_weighting``
   (``drop_weighting_factor_on_gsquare``) and ``trace_scaling`` (``trace_scaling_exponent`` when
   ``use_trace_scaling``, else ``None``) and ``beta3`` as Distributed Shampoo's options; ``b2 = 1``
-  sums.
+  sums. ``momentum``: ``ClassicMomentumConfig``'s ``(momentum, dampening, use_nesterov)``.
   Decoupled weight decay, ``W ← W - lr (P + λW)``. Returns the parameter trajectory
   ``[W_0, W_1, ...]``.
   """
@@ -259,7 +272,7 @@ def distributed_shampoo_reference(
   factors = {k: np.zeros((w.shape[k], w.shape[k])) for k in axes}
   inverse = {k: np.eye(w.shape[k]) for k in axes}
   vectors_of = {k: np.eye(w.shape[k]) for k in axes}
-  m, v = np.zeros_like(w), np.zeros_like(w)
+  m, v, buffer = np.zeros_like(w), np.zeros_like(w), np.zeros_like(w)
 
   trajectory = [w.copy()]
   for t, g in enumerate(grads, start=1):
@@ -302,7 +315,7 @@ def distributed_shampoo_reference(
     for k in axes:
       shampoo = mode_apply(shampoo, inverse[k], k)
     direction, v = _grafted(shampoo, filtered, g, v, t, start, graft)
-    w = w - lr * (direction + weight_decay * w)
+    w, buffer = _descend(w, direction, lr, weight_decay, momentum, buffer)
     trajectory.append(w.copy())
   return trajectory
 
@@ -328,6 +341,7 @@ def eigenvalue_corrected_reference(
   drop_weighting=False,
   trace_scaling=None,
   beta3=-1.0,
+  momentum=None,
 ):
   """Distributed Shampoo's eigenvalue-corrected Shampoo (``DefaultSOAPConfig`` with
   ``refresh="qr"``, ``EighEigendecompositionConfig`` with ``"eigh"``), one block per tensor,
@@ -340,7 +354,7 @@ def eigenvalue_corrected_reference(
   axes = [k for k in range(w.ndim) if k not in unrotated]
   factors = {k: np.zeros((w.shape[k], w.shape[k])) for k in axes}
   bases = [np.eye(d) if k in axes else None for k, d in enumerate(w.shape)]
-  corrected, m, v = np.zeros_like(w), np.zeros_like(w), np.zeros_like(w)
+  corrected, m, v, buffer = (np.zeros_like(w) for _ in range(4))
 
   trajectory = [w.copy()]
   for t, g in enumerate(grads, start=1):
@@ -369,6 +383,6 @@ def eigenvalue_corrected_reference(
     scaled = rotate(filtered, bases, transpose=True) / ((corrected / bc2) ** exponent + eps)
     shampoo = rotate(scaled, bases, transpose=False)
     direction, v = _grafted(shampoo, filtered, g, v, t, start, graft)
-    w = w - lr * (direction + weight_decay * w)
+    w, buffer = _descend(w, direction, lr, weight_decay, momentum, buffer)
     trajectory.append(w.copy())
   return trajectory
