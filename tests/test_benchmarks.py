@@ -441,7 +441,7 @@ def test_peers_in_this_venv_runs_workers_here_with_the_peer_copies(tmp_path, mon
   assert "jax 0.5.3 venv" not in text
 
 
-@pytest.mark.parametrize("name", ["shampoo", "adamw_shampoo"])
+@pytest.mark.parametrize("name", ["shampoo"])
 def test_make_optimizer_variants_are_the_options_they_name(name):
   """``+qr`` and ``+kl`` give the same updates as the factory with ``refresh="qr"`` and
   ``kl_factors=True``, and differ from the plain method; unknown variants are refused."""
