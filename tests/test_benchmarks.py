@@ -51,6 +51,8 @@ def _finite(*values: float) -> bool:
   return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
+# The two longest smoke runs (30-50 s each on 2 cores) run in CI's slow job, which gates too.
+@pytest.mark.slow
 def test_step_time_smoke(tmp_path):
   report = _run("step_time", str(tmp_path))
   assert report["environment"]["openblas_num_threads"] == OPENBLAS_THREADS
@@ -100,6 +102,7 @@ def test_memory_smoke(tmp_path):
         assert 0 <= r["measured_bytes"] - r["analytic_bytes"] <= 64, (setting["name"], method)
 
 
+@pytest.mark.slow
 def test_scaling_smoke(tmp_path):
   """Fake devices 1-8, and 1 and 2 processes joined by ``jax.distributed`` (one core each)."""
   report = _run("scaling", str(tmp_path))
