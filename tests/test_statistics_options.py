@@ -302,3 +302,31 @@ def test_the_adam_fallback_looks_ahead_too():
     v = b2 * v + (1 - b2) * g**2
     expected = ahead * np.sqrt(1 - b2**t) / (1 - b3 * b1 ** (t - 1)) / (np.sqrt(v) + eps)
     np.testing.assert_allclose(np.asarray(ours["b"]), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["shampoo", "eigenvalue_corrected_shampoo"])
+def test_the_new_numbers_can_be_injected(name):
+  """``optax.inject_hyperparams`` with ``b2 = 1``, ``b3``, ``statistics_weight`` and
+  ``trace_scaling`` as traced arrays gives the updates of the same numbers given as constants."""
+  import optax
+
+  factory = getattr(kp, name)
+  numbers = dict(b2=1.0, b3=0.5, statistics_weight=1.0, trace_scaling=0.3)
+  fixed = dict(precondition_frequency=2, eps=1e-6, grafting_type=None)
+  injected = optax.inject_hyperparams(factory, static_args=kp.static_hyperparams(factory))(
+    learning_rate=0.1, **numbers, **fixed
+  )
+  plain = factory(0.1, **numbers, **fixed)
+  rng = np.random.default_rng(34)
+  params = {"w": jnp.asarray(rng.standard_normal((5, 4))), "b": jnp.zeros(3)}
+  states = injected.init(params), plain.init(params)
+  for _ in range(5):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape)), params)
+    (ours, state_a), (theirs, state_b) = (
+      jax.jit(injected.update)(grads, states[0], params),
+      jax.jit(plain.update)(grads, states[1], params),
+    )
+    states = state_a, state_b
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+  assert set(numbers) <= set(states[0].hyperparams)
