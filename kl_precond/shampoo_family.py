@@ -70,6 +70,31 @@ def _grafted(
   )
 
 
+def _factor_statistics(
+  b2: Any,
+  eps: Any,
+  dtype: Any,
+  bias_correction: bool,
+  statistics_weight: Any,
+  trace_scaling: Any,
+  kl_exponents: Any = None,
+  kl: bool = False,
+) -> estimators.Frobenius:
+  """The factor estimator of the Distributed Shampoo variants: Frobenius, or with ``kl`` the
+  factors whitened by the other factors' roots (``kl_exponents``), with its accumulation
+  options; trace scaling is floored at ``ε``, as there."""
+  options = dict(
+    bias_correction=bias_correction,
+    dtype=dtype,
+    weight=statistics_weight,
+    trace_scaling=trace_scaling,
+    trace_floor=eps,
+  )
+  if kl:
+    return estimators.kl_roots(b2, exponents=kl_exponents, **options)
+  return estimators.frobenius(b2, **options)
+
+
 def _is_zero(value: Any) -> bool:
   return isinstance(value, (int, float)) and value == 0
 
@@ -237,17 +262,10 @@ def scale_by_shampoo(
       tolerance=tolerance,
       dtype=dtype,
     )
-  statistics = dict(
-    bias_correction=bias_correction,
-    dtype=dtype,
-    weight=statistics_weight,
-    trace_scaling=trace_scaling,
-    trace_floor=eps,
-  )
   direction = preconditioner.scale_by_preconditioner(
-    estimators.kl_roots(b2, exponents=exponents, **statistics)
-    if kl_factors
-    else estimators.frobenius(b2, **statistics),
+    _factor_statistics(
+      b2, eps, dtype, bias_correction, statistics_weight, trace_scaling, exponents, kl_factors
+    ),
     basis,
     scaling.kronecker_eigenvalues(
       b1,
@@ -401,14 +419,7 @@ def scale_by_eigenvalue_corrected_shampoo(
       dtype=dtype,
     )
   direction = preconditioner.scale_by_preconditioner(
-    estimators.frobenius(
-      b2,
-      bias_correction=bias_correction,
-      dtype=dtype,
-      weight=statistics_weight,
-      trace_scaling=trace_scaling,
-      trace_floor=eps,
-    ),
+    _factor_statistics(b2, eps, dtype, bias_correction, statistics_weight, trace_scaling),
     basis,
     scaling.eigenvalue_corrected(
       b1,

@@ -14,7 +14,7 @@ import pytest
 
 import kl_precond as kp
 from kl_precond import parity
-from tests import synthetic_golden
+from tests import synthetic_golden, trajectories
 from tests.numpy_reference import distributed_shampoo_reference
 
 
@@ -26,16 +26,9 @@ def x64():
 
 def _ours(init, grads, *, lr, weight_decay, **options):
   """Trajectory of ``W ← W - lr (P + λW)`` with ``P`` from ``scale_by_shampoo``."""
-  tx = kp.scale_by_shampoo(**options)
-  w = jnp.asarray(init)
-  state = tx.init({"w": w})
-  update = jax.jit(tx.update)
-  trajectory = [np.asarray(w)]
-  for g in grads:
-    direction, state = update({"w": jnp.asarray(g)}, state, {"w": w})
-    w = w - lr * (direction["w"] + weight_decay * w)
-    trajectory.append(np.asarray(w))
-  return np.stack(trajectory), state
+  return trajectories.decoupled(
+    kp.scale_by_shampoo(**options), init, grads, lr=lr, weight_decay=weight_decay
+  )
 
 
 CASES = {

@@ -15,7 +15,7 @@ import pytest
 
 import kl_precond as kp
 from kl_precond import parity
-from tests import synthetic_golden
+from tests import synthetic_golden, trajectories
 from tests.numpy_reference import distributed_shampoo_reference, eigenvalue_corrected_reference
 
 
@@ -23,19 +23,6 @@ from tests.numpy_reference import distributed_shampoo_reference, eigenvalue_corr
 def x64():
   with jax.enable_x64(True):
     yield
-
-
-def _ours(transform, init, grads, *, lr, weight_decay):
-  """Trajectory of ``W ← W - lr (P + λW)`` with ``P`` from ``transform``."""
-  w = jnp.asarray(init)
-  state = transform.init({"w": w})
-  update = jax.jit(transform.update)
-  trajectory = [np.asarray(w)]
-  for g in grads:
-    direction, state = update({"w": jnp.asarray(g)}, state, {"w": w})
-    w = w - lr * (direction["w"] + weight_decay * w)
-    trajectory.append(np.asarray(w))
-  return np.stack(trajectory)
 
 
 # (Distributed Shampoo's options as the ports name them, and ours.)
@@ -88,7 +75,8 @@ def _case(method, option, graft, shape, seed, ours=True):
     )
   if not ours:
     return np.stack(expected), None
-  return np.stack(expected), _ours(transform, init, grads, lr=0.01, weight_decay=0.01)
+  ours, _ = trajectories.decoupled(transform, init, grads, lr=0.01, weight_decay=0.01)
+  return np.stack(expected), ours
 
 
 # Every option on both transforms; on the other estimator and basis stages of Shampoo, the options
