@@ -448,6 +448,7 @@ def test_peers_in_this_venv_runs_workers_here_with_the_peer_copies(tmp_path, mon
 def test_make_optimizer_variants_are_the_options_they_name(name):
   """``+qr`` and ``+kl`` give the same updates as the factory with ``refresh="qr"`` and
   ``kl_factors=True``, and differ from the plain method; unknown variants are refused."""
+  import jax
   import jax.numpy as jnp
   import numpy as np
 
@@ -457,9 +458,9 @@ def test_make_optimizer_variants_are_the_options_they_name(name):
   grads = [{"w": jnp.asarray(np.random.default_rng(t).standard_normal((6, 4)))} for t in range(4)]
 
   def run(tx):
-    state, out = tx.init(params), None
+    state, step, out = tx.init(params), jax.jit(tx.update), None
     for g in grads:
-      out, state = tx.update(g, state, params)
+      out, state = step(g, state, params)
     return np.asarray(out["w"])
 
   factory = getattr(kp, name)

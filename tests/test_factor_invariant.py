@@ -24,9 +24,9 @@ def x64():
 
 def _factors_after(tx, grads):
   params = {"w": jnp.zeros(grads.shape[1:])}
-  state = tx.init(params)
+  state, step = tx.init(params), jax.jit(tx.update)
   for g in grads:
-    _, state = tx.update({"w": g}, state, params)
+    _, state = step({"w": g}, state, params)
   return state
 
 

@@ -25,7 +25,8 @@ import pytest
 
 from tests import test_sharding as problem
 
-pytestmark = pytest.mark.timeout(600)
+# Two fresh processes compile every optimizer (2-3 minutes): in the slow job (README, .ci/run).
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 PROCESSES = 2
 LOCAL_DEVICES = 2

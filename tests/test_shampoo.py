@@ -29,7 +29,7 @@ def _preconditioner_nodes(state):
 def _one_step(tx, grad):
   params = {"w": jnp.zeros(grad.shape)}
   state = tx.init(params)
-  update, state = tx.update({"w": jnp.asarray(grad)}, state, params)
+  update, state = jax.jit(tx.update)({"w": jnp.asarray(grad)}, state, params)
   return np.asarray(update["w"]), state
 
 
@@ -82,10 +82,10 @@ def test_transpose_symmetry(exponents):
     tx = kp.adamw_shampoo(1.0, eps=1e-6, weight_decay=0.0, exponents=exps, precondition_frequency=2)
     shape = grads[0].T.shape if transpose else grads[0].shape
     params = {"w": jnp.zeros(shape)}
-    state = tx.init(params)
+    state, step = tx.init(params), jax.jit(tx.update)
     out = []
     for g in grads:
-      u, state = tx.update({"w": jnp.asarray(g.T if transpose else g)}, state, params)
+      u, state = step({"w": jnp.asarray(g.T if transpose else g)}, state, params)
       out.append(np.asarray(u["w"]))
     return out
 
@@ -105,8 +105,9 @@ def test_one_sided_keeps_no_right_factor_and_matches_numpy():
   matrices = [x.shape for x in jax.tree.leaves(state) if x.ndim == 3]
   assert (1, 9, 9) not in matrices and (1, 6, 6) in matrices
   left, m = np.zeros((6, 6)), np.zeros((6, 9))
+  step = jax.jit(tx.update)
   for t, g in enumerate(grads, start=1):
-    u, state = tx.update({"w": jnp.asarray(g)}, state, params)
+    u, state = step({"w": jnp.asarray(g)}, state, params)
     left = b2 * left + (1 - b2) * g @ g.T
     m = b1 * m + (1 - b1) * g
     w, q = np.linalg.eigh(left / (1 - b2**t) + eps * np.eye(6))
@@ -128,9 +129,10 @@ def test_grafting_gives_each_block_the_magnitude_norm():
   params = {"w": jnp.zeros((10, 3)), "b": jnp.zeros(3)}
   state, m_state = tx.init(params), magnitude.init(params)
   rng = np.random.default_rng(4)
+  step = jax.jit(tx.update)
   for _ in range(3):
     grads = {k: jnp.asarray(rng.standard_normal(v.shape)) for k, v in params.items()}
-    update, state = tx.update(grads, state, params)
+    update, state = step(grads, state, params)
     reference, m_state = magnitude.update(grads, m_state)
     for key in params:
       lay = layout_lib.tensor_layout(params[key].shape, layout)
@@ -195,10 +197,10 @@ def test_exponents_and_eps_are_injectable():
   constant = kp.adamw_shampoo(1e-2, exponents=(0.1, 0.4), eps=1e-4, precondition_frequency=1)
   s1, s2 = injected.init(params), constant.init(params)
   assert set(s1.hyperparams) >= {"exponents", "eps", "b1", "b2", "weight_decay"}
-  step = jax.jit(injected.update)
+  step, constant_step = jax.jit(injected.update), jax.jit(constant.update)
   for g in grads:
     u1, s1 = step(g, s1, params)
-    u2, s2 = constant.update(g, s2, params)
+    u2, s2 = constant_step(g, s2, params)
     np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-9)
   # A different injected epsilon changes the update (roots are recomputed every step here).
   bigger = s1._replace(hyperparams={**s1.hyperparams, "eps": jnp.asarray(1.0)})
@@ -250,9 +252,9 @@ def test_a_per_axis_tuple_sets_only_the_blocks_of_its_order():
     tx = kp.shampoo(
       1.0, exponents=exponents, precondition_frequency=1, precondition_1d=True, grafting_type=None
     )
-    state, out = tx.init(params), []
+    state, step, out = tx.init(params), jax.jit(tx.update), []
     for g in grads:
-      update, state = tx.update(g, state, params)
+      update, state = step(g, state, params)
       out.append(update)
     return out
 
@@ -281,9 +283,10 @@ def test_cache_roots_and_store_bases_give_the_same_steps(factory):
     variants = [{"store_bases": True}, {"cache_roots": False}, {}]
     txs = [factory(1e-2, precondition_frequency=2, **v) for v in variants]
     states = [tx.init(params) for tx in txs]
+    steps = [jax.jit(tx.update) for tx in txs]
     sizes = [sum(x.size for x in jax.tree.leaves(s)) for s in states]
     for g in grads:
-      outs = [tx.update(g, s, params) for tx, s in zip(txs, states, strict=True)]
+      outs = [step(g, s, params) for step, s in zip(steps, states, strict=True)]
       states = [s for _, s in outs]
       for u, _ in outs[1:]:
         for a, b in zip(jax.tree.leaves(outs[0][0]), jax.tree.leaves(u), strict=True):
