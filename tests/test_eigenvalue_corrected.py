@@ -11,7 +11,7 @@ import pytest
 
 import kl_precond as kp
 from kl_precond import parity
-from tests import synthetic_golden
+from tests import synthetic_golden, trajectories
 from tests.numpy_reference import eigenvalue_corrected_reference
 
 
@@ -73,15 +73,8 @@ def _trajectories(spec, seed=21, steps=14):
     graft_b2=0.999 if graft is None else graft[0],
     graft_eps=1e-8 if graft is None else graft[1],
   )
-  w = jnp.asarray(init)
-  state = tx.init({"w": w})
-  update = jax.jit(tx.update)
-  ours = [np.asarray(w)]
-  for g in grads:
-    u, state = update({"w": jnp.asarray(g)}, state, {"w": w})
-    w = w + u["w"]
-    ours.append(np.asarray(w))
-  return np.stack(ours), expected, state
+  ours, state = trajectories.applied(tx, init, grads)
+  return ours, expected, state
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
