@@ -202,10 +202,7 @@ def compile_steps(
     return lm_model.lm_loss(model, inputs, targets)
 
   start = time.perf_counter()
-  # In place through the optimizers' refresh conditional (kl_precond.compiler_options), for
-  # every method alike (AdamW's step has no conditional; the options change no value).
-  options = importlib.import_module("kl_precond").compiler_options()
-  step_fn = jax.jit(train_step, donate_argnums=0).lower(state, *example).compile(options)
+  step_fn = jax.jit(train_step, donate_argnums=0).lower(state, *example).compile()
   eval_fn = jax.jit(eval_step).lower(state, *example).compile()
   return state, step_fn, eval_fn, time.perf_counter() - start
 

@@ -321,18 +321,10 @@ class StepRunner:
   """One method on one task: its compiled step, its own parameters and state, its timings.
 
   ``times[i]`` is the wall time of call ``indices[i]`` (0-based calls since ``init``), so that a
-  caller knowing the refresh schedule can pick out refresh steps. ``compiler_options`` (e.g.
-  ``kp.compiler_options()``) are given to XLA for the whole step; a comparison gives every
-  runner the same.
+  caller knowing the refresh schedule can pick out refresh steps.
   """
 
-  def __init__(
-    self,
-    name: str,
-    task: Task,
-    tx: optax.GradientTransformation,
-    compiler_options: dict[str, Any] | None = None,
-  ):
+  def __init__(self, name: str, task: Task, tx: optax.GradientTransformation):
     self.name = name
     self.params = jax.tree.map(jnp.array, task.params)  # a private copy: it is donated
     self.batch = task.batch
@@ -343,7 +335,7 @@ class StepRunner:
     lowered = jax.jit(train_step(task.loss, tx), donate_argnums=(0, 1)).lower(
       self.params, self.state, self.batch
     )
-    self.compiled = lowered.compile(compiler_options or None)
+    self.compiled = lowered.compile()
     self.compile_seconds = time.perf_counter() - start
     self.calls = 0
     self.times: list[float] = []

@@ -166,11 +166,6 @@ _PROBE_TIMEOUT = flags.DEFINE_integer("probe_timeout", 90, "Seconds per peer tri
 _SEQUENTIAL_EIGH = flags.DEFINE_bool(
   "sequential_eigh", False, "Ours: the eigh deadlock workaround of step_time.py."
 )
-_REGION_ANALYSIS = flags.DEFINE_bool(
-  "region_analysis",
-  True,
-  "Compile every step (AdamW's, the peers' and ours) with kp.compiler_options().",
-)
 _OURS_JSON = flags.DEFINE_string("ours_json", "", "Reuse a step_time.json instead of timing ours.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny MLP, f=2, two peers, two of ours, few steps.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
@@ -289,12 +284,7 @@ def worker(
     "skipped": {},
   }
   task = models.make_task(task_name, smoke=settings["smoke"])
-  options = None
-  if settings.get("region_analysis"):
-    import kl_precond
-
-    options = kl_precond.compiler_options()
-  runners = [models.StepRunner("adamw", task, optax.adamw(LEARNING_RATE), options)]
+  runners = [models.StepRunner("adamw", task, optax.adamw(LEARNING_RATE))]
   builders: list[tuple[str, Callable[[], Any]]] = [
     (peer, functools.partial(make_peer, peer, frequency)) for peer in peers
   ]
@@ -304,7 +294,7 @@ def worker(
     builders.append((spec, build))
   for name, build in builders:
     try:
-      runners.append(models.StepRunner(name, task, build(), options))
+      runners.append(models.StepRunner(name, task, build()))
     except Exception as error:  # recorded, not raised: the driver reports it
       if isinstance(error, LookupError) and name not in peers:  # kl_precond lacks the method
         result["skipped"][name] = str(error)
@@ -437,7 +427,6 @@ def run_worker(
     f"--smoke={settings['smoke']}",
     f"--progress={settings['progress']}",
     f"--sequential_eigh={settings['sequential_eigh']}",
-    f"--region_analysis={settings.get('region_analysis', False)}",
   ]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, ROOT, env.get("PYTHONPATH")]))
@@ -936,11 +925,6 @@ def markdown(report: dict[str, Any]) -> str:
     f"method. Frequency {settings['frequency']}; ours at max_precond_dim "
     f"{settings['max_precond_dim']} unless `@N`"
     + ("; eigh batched as lax.map (--sequential_eigh)" if settings["sequential_eigh"] else "")
-    + (
-      "; every step compiled with kp.compiler_options() (--region_analysis)"
-      if settings.get("region_analysis")
-      else ""
-    )
     + f"; wall {report['wall_seconds']:.0f} s.",
     "",
     models.markdown_table(HEADERS, rows),
@@ -1102,7 +1086,6 @@ def main(argv: Sequence[str]) -> None:
     "call_timeout": _CALL_TIMEOUT.value,
     "max_precond_dim": _MAX_PRECOND_DIM.value,
     "sequential_eigh": _SEQUENTIAL_EIGH.value,
-    "region_analysis": _REGION_ANALYSIS.value,
   }
   if _ROLE.value == "worker":
     result = worker(_TASK.value, peers, specs, settings, _RESULT_JSON.value)

@@ -38,7 +38,6 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-import kl_precond as kp
 from benchmarks import models
 
 # Targets on the transformer at frequency 10 (amortised step time / AdamW's mean step time).
@@ -64,12 +63,6 @@ _ISOLATE = flags.DEFINE_bool("isolate", True, "Run each (task, f) in a child pro
 _CALL_TIMEOUT = flags.DEFINE_float("call_timeout", 600, "Seconds before one call counts as hung.")
 _CONFIG_TIMEOUT = flags.DEFINE_float("config_timeout", 7200, "Seconds per (task, f) child.")
 _WORKER_SPEC = flags.DEFINE_string("worker_spec", "", "Internal: run one configuration.")
-_REGION_ANALYSIS = flags.DEFINE_bool(
-  "region_analysis",
-  True,
-  "Compile every method's step (AdamW's too) with kp.compiler_options() (XLA's region-analysis "
-  "copy insertion: the state passes through the refresh conditional in place).",
-)
 _SEQUENTIAL_EIGH = flags.DEFINE_bool(
   "sequential_eigh",
   False,
@@ -106,8 +99,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
       skipped[name] = str(error)
       print(f"[step_time] skipping {name}: {error}", flush=True)
       continue
-    options = kp.compiler_options() if spec.get("region_analysis") else None
-    runners.append(models.StepRunner(name, task, tx, options))
+    runners.append(models.StepRunner(name, task, tx))
   bar = tqdm(
     total=len(runners) * (warmup + steps),
     disable=not spec["progress"],
@@ -189,7 +181,6 @@ def run(
   call_timeout: float = 600.0,
   config_timeout: float = 7200.0,
   sequential_eigh: bool = False,
-  region_analysis: bool = True,
 ) -> dict[str, Any]:
   """Runs every (task, frequency) configuration and writes JSON, markdown and PNG.
 
@@ -212,7 +203,6 @@ def run(
         "progress": progress,
         "call_timeout": call_timeout,
         "sequential_eigh": sequential_eigh,
-        "region_analysis": region_analysis,
       }
       config = measure_isolated(spec, config_timeout) if isolate else measure(spec)
       report["configs"].append(config)
@@ -224,7 +214,6 @@ def run(
     "smoke": smoke,
     "seed": seed,
     "sequential_eigh": sequential_eigh,
-    "region_analysis": region_analysis,
   }
   _write(report, out_dir)
   return report
@@ -295,14 +284,9 @@ def markdown(report: dict[str, Any]) -> str:
     f"OPENBLAS_NUM_THREADS={env.get('openblas_num_threads') or 'unset'}, load average "
     f"{env['load_average_1_5_15']} at start; wall {report['wall_seconds']:.0f} s"
     + (
-      "; eigh batched as lax.map (--sequential_eigh)"
+      "; eigh batched as lax.map (--sequential_eigh)."
       if report["settings"]["sequential_eigh"]
-      else ""
-    )
-    + (
-      "; every step compiled with kp.compiler_options() (--region_analysis)."
-      if report["settings"].get("region_analysis")
-      else "; XLA's default copy insertion (--noregion_analysis)."
+      else "."
     ),
     "",
     models.markdown_table(HEADERS, rows),
@@ -402,7 +386,6 @@ def main(argv: Sequence[str]) -> None:
     call_timeout=_CALL_TIMEOUT.value,
     config_timeout=_CONFIG_TIMEOUT.value,
     sequential_eigh=_SEQUENTIAL_EIGH.value,
-    region_analysis=_REGION_ANALYSIS.value,
   )
 
 

@@ -30,12 +30,7 @@ from kl_precond.grafting import (
   graft_magnitude,
 )
 from kl_precond.layout import LayoutConfig
-from kl_precond.preconditioner import (
-  BucketState,
-  PreconditionerState,
-  compiler_options,
-  scale_by_preconditioner,
-)
+from kl_precond.preconditioner import BucketState, PreconditionerState, scale_by_preconditioner
 from kl_precond.scaling import (
   AdamState,
   CorrectedState,
@@ -84,7 +79,6 @@ __all__ = [
   "PreconditionerState",
   "adam",
   "adamw_shampoo",
-  "compiler_options",
   "eigenvalue_corrected",
   "eigenvalue_corrected_shampoo",
   "eigh_every",

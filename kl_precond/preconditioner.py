@@ -5,16 +5,11 @@ One step, per bucket of equal-shape blocks (all ``vmap``ed over the stacked bloc
 1. **direction** with the current basis: ``U, scaling_state = scaling.update(G, ...)``;
 2. **statistics**: ``estimator.update(G, ..., bases, ..., eigenvalues)`` folds the gradient into
    the factors (the basis stage's current bases and eigenvalues, for estimators that whiten);
-3. **refresh** every ``T`` steps (one ``jax.lax.cond`` on the step counter for all buckets,
-   decided after every direction is computed): ``basis.refresh(factors)``, then
-   ``scaling.rotate`` re-expresses buffers kept in the basis.
+3. **refresh** every ``T`` steps (under ``jax.lax.cond`` on the step counter):
+   ``basis.refresh(factors)``, then ``scaling.rotate`` re-expresses buffers kept in the basis.
 
 So the gradient of a step never enters the basis that preconditions it. With
 ``statistics_first=True`` (Distributed Shampoo's order) steps 2 and 3 run before step 1.
-
-On CPU, compile the step with :func:`compiler_options` (``jax.jit(step,
-compiler_options=kp.compiler_options())``): XLA then updates the state in place through the
-refresh conditional instead of copying the bases twice on every ordinary step.
 
 The first call (``first_call``):
 
@@ -188,82 +183,59 @@ def _direction(
   return direction, state._replace(scaling=scaling_state)
 
 
-def _fold(
+def _statistics(
   stages: _Stages,
   bucket: layout_lib.Bucket,
   grads: jax.Array,
   state: BucketState,
+  step: Any,
+  after: Any = None,
   initial: Any = None,
   hold: Any = None,
-) -> BucketState:
-  """Folds the gradient into the factors. Where the traced flag ``initial`` is set (the first
-  call of ``first_call="init_only"``) the estimator's ``update`` acts as its ``first``; where
-  ``hold`` is set (a skipped call) the statistics are left as they were."""
+) -> tuple[BucketState, jax.Array]:
+  """Folds the gradient into the factors, then refreshes the basis on refresh steps (the
+  decompositions wait for ``after``: see ``tensor_ops.after``).
+
+  Where the traced flag ``initial`` is set (the first call of ``first_call="init_only"``), the
+  estimator's ``update`` acts as its ``first`` and the first basis comes from ``basis.first``:
+  one more branch of the same switch, so the first call costs nothing on later steps. Where the
+  traced flag ``hold`` is set (a skipped call) the statistics are left as they were and nothing
+  is refreshed.
+  """
   if not any(bucket.preconditioned):
-    return state
+    return state, jnp.zeros((), jnp.int32)
+  scaling = stages.scaling_for(bucket)
+
   # On the first call ``update`` acts as ``first`` (the estimator selects, elementwise): a
   # conditional here would hide the gradient's projection from the direction's (no sharing).
   fold = jax.vmap(stages.estimator.update, in_axes=(0, 0, 0, None, None, 0))
-  return state._replace(
+  state = state._replace(
     estimator=fold(
       grads, state.estimator, state.basis.bases, initial, hold, state.basis.eigenvalues
     )
   )
 
-
-def _refresh(
-  stages: _Stages,
-  tree: layout_lib.TreeLayout,
-  buckets: tuple[BucketState, ...],
-  step: Any,
-  initial: Any = None,
-  hold: Any = None,
-  after: Any = None,
-) -> tuple[tuple[BucketState, ...], jax.Array]:
-  """Refreshes the bases of every bucket on refresh steps, under one conditional for all of
-  them; the decompositions run one after another (see ``tensor_ops.after``).
-
-  Where the traced flag ``initial`` is set (the first call of ``first_call="init_only"``), the
-  first bases come from ``basis.first``: one more branch of the same switch, so the first call
-  costs nothing on later steps. Where the traced flag ``hold`` is set (a skipped call) nothing is
-  refreshed.
-
-  Given ``after`` (the step's directions), the conditional is decided only once they are
-  computed (``tensor_ops.after`` on the predicate, a scalar), so every product that reads the old
-  bases is ordered before it. With that, one conditional for all buckets, and XLA's
-  region-analysis copy insertion (:func:`compiler_options`), the state passes through the
-  conditional without a copy on ordinary steps; the default copy insertion copied the bases into
-  a temporary and back on every call (see README, "Where the time went").
-  """
-  indices = [i for i, bucket in enumerate(tree.buckets) if any(bucket.preconditioned)]
-  if not indices:
-    return buckets, jnp.zeros((), jnp.int32)
-
-  def factors(estimator: Any, after: Any) -> Any:
+  # The branches return only what a refresh changes: state passed through a conditional is
+  # copied on every call, so the (read-only) factors are not.
+  def factors(estimator: Any) -> Any:
     values = jax.vmap(stages.estimator.factors, in_axes=(0, None))(estimator, step)
     return tensor_ops.after(values, after)
 
-  # The branches return only what a refresh changes: state passed through a conditional is
-  # copied on every call, so the (read-only) factors are not.
-  def keep(operands: Any) -> tuple[Any, jax.Array]:
-    return tuple((basis, scaling) for _, basis, scaling in operands), jnp.zeros((), jnp.int32)
+  def keep(estimator: Any, basis: Any, scaling_state: Any) -> tuple[Any, Any, jax.Array]:
+    del estimator
+    return basis, scaling_state, jnp.zeros((), jnp.int32)
 
-  def decompose(operands: Any, first: bool) -> tuple[Any, jax.Array]:
-    results, failed, previous = [], jnp.zeros((), jnp.int32), None
-    for index, (estimator, basis, scaling_state) in zip(indices, operands, strict=True):
-      scaling = stages.scaling_for(tree.buckets[index])
-      values = factors(estimator, previous)
-      if first:
-        new, permutations = jax.vmap(stages.basis.first)(values, basis), None
-      else:
-        new, permutations, failures = jax.vmap(stages.basis.refresh)(values, basis)
-        failed += jnp.sum(failures, dtype=jnp.int32)
-      rotated = _rotate(stages, scaling, estimator, scaling_state, basis, new, permutations)
-      new, rotated = _settle(stages, new, rotated, scaling_state)
-      results.append((new, rotated))
-      if jax.tree.leaves(new):
-        previous = new
-    return tuple(results), failed
+  def refresh(estimator: Any, basis: Any, scaling_state: Any) -> tuple[Any, Any, jax.Array]:
+    new, permutations, failed = jax.vmap(stages.basis.refresh)(factors(estimator), basis)
+    rotated = _rotate(stages, scaling, estimator, scaling_state, basis, new, permutations)
+    new, rotated = _settle(stages, new, rotated, scaling_state)
+    return new, rotated, jnp.sum(failed, dtype=jnp.int32)
+
+  def build(estimator: Any, basis: Any, scaling_state: Any) -> tuple[Any, Any, jax.Array]:
+    new = jax.vmap(stages.basis.first)(factors(estimator), basis)
+    rotated = _rotate(stages, scaling, estimator, scaling_state, basis, new, None)
+    new, rotated = _settle(stages, new, rotated, scaling_state)
+    return new, rotated, jnp.zeros((), jnp.int32)
 
   due = (step % stages.basis.every == 0) & (step > stages.basis.start) | (
     step == stages.basis.start
@@ -271,20 +243,13 @@ def _refresh(
   if hold is not None:
     due = due & ~hold
     initial = None if initial is None else initial & ~hold
-  if after is not None:
-    due = tensor_ops.after(due, after)
-    initial = None if initial is None else tensor_ops.after(initial, after)
-  operands = tuple((buckets[i].estimator, buckets[i].basis, buckets[i].scaling) for i in indices)
-  branches = (keep, lambda ops: decompose(ops, False), lambda ops: decompose(ops, True))
+  operands = (state.estimator, state.basis, state.scaling)
   if initial is None:
-    results, failed = jax.lax.cond(due, branches[1], branches[0], operands)
+    basis, scaling_state, failed = jax.lax.cond(due, refresh, keep, *operands)
   else:
     index = jnp.where(initial, 2, due.astype(jnp.int32))
-    results, failed = jax.lax.switch(index, branches, operands)
-  new_buckets = list(buckets)
-  for i, (basis, scaling_state) in zip(indices, results, strict=True):
-    new_buckets[i] = buckets[i]._replace(basis=basis, scaling=scaling_state)
-  return tuple(new_buckets), failed
+    basis, scaling_state, failed = jax.lax.switch(index, (keep, refresh, build), *operands)
+  return state._replace(basis=basis, scaling=scaling_state), failed
 
 
 def _within_range(
@@ -305,25 +270,6 @@ def _within_range(
       gain = jax.vmap(stages.estimator.gain)(state.estimator, state.basis)
     flags.append(tensor_ops.within_range(grad, gain, (state.estimator, state.scaling)))
   return jnp.all(jnp.asarray(flags or [True]))
-
-
-def compiler_options() -> dict[str, Any]:
-  """XLA options for a jitted step that calls these optimizers:
-  ``jax.jit(step, compiler_options=kp.compiler_options())``.
-
-  ``xla_cpu_copy_insertion_use_region_analysis``: XLA's CPU compiler (default off) then proves
-  that the state may pass through the refresh conditional in place. Without it, an ordinary
-  (non-refresh) step of SOAP or a KL method copies every bucket's bases into a temporary and back
-  (twice the bases' bytes, ~100 MB per call for the benchmark transformer's 3.3 M parameters) and
-  the moments once. It changes no value and (here) no compile time; other backends ignore it.
-  The options apply to the whole compiled program, and only a top-level ``jax.jit`` takes them
-  (JAX rejects them on a jit traced inside another), so they belong on the training step, not on
-  the optimizer; the benchmarks give them to AdamW and every peer too when they compare steps.
-
-  Returns:
-    A new dict, for ``jax.jit(..., compiler_options=...)`` or ``.compile(compiler_options=...)``.
-  """
-  return {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -555,41 +501,32 @@ def scale_by_preconditioner(
     hold: Any,
   ) -> tuple[Any, Any, jax.Array]:
     """One call. ``first``: ``True``/``False`` (static: the branches of ``"precondition"``'s
-    first-call conditional), or a traced flag (``"init_only"``: see ``_refresh``). ``hold``:
+    first-call conditional), or a traced flag (``"init_only"``: see ``_statistics``). ``hold``:
     a traced flag (a skipped call: zero directions, state unchanged) or None."""
     initial = None if isinstance(first, bool) else first
     # The direction is zero, and the scaling state kept, on the first call or a skipped one.
     frozen = initial if hold is None else hold if initial is None else initial | hold
+    directions: list[jax.Array] = []
+    new_buckets: list[BucketState] = []
     failures = jnp.zeros((), jnp.int32)
-    states = list(buckets)
-    if first is True:
-      # Buckets decompose their factors one after another (see tensor_ops.after): each waits
-      # for the basis of the last bucket that has one, which waited for its predecessor.
-      previous: Any = None
-      for i, (bucket, grad) in enumerate(zip(tree.buckets, grads, strict=True)):
-        states[i] = _first(stages, bucket, grad, states[i], step, previous, hold)
-        if jax.tree.leaves(states[i].basis):
-          previous = states[i].basis
-
-    def statistics(
-      states: list[BucketState], after: Any = None
-    ) -> tuple[list[BucketState], jax.Array]:
-      folded = tuple(
-        _fold(stages, bucket, grad, state, initial, hold)
-        for bucket, grad, state in zip(tree.buckets, grads, states, strict=True)
-      )
-      refreshed, failed = _refresh(stages, tree, folded, step, initial, hold, after)
-      return list(refreshed), failed
-
-    if first is not True and statistics_first:
-      states, failures = statistics(states)
-    directions = []
-    for i, (bucket, grad) in enumerate(zip(tree.buckets, grads, strict=True)):
-      direction, states[i] = _direction(stages, bucket, grad, states[i], step, frozen)
+    # Buckets decompose their factors one after another (see tensor_ops.after): each waits for
+    # the basis of the last bucket that has one, which waited for its predecessor.
+    previous: Any = None
+    for bucket, grad, state in zip(tree.buckets, grads, buckets, strict=True):
+      if first is True:
+        state = _first(stages, bucket, grad, state, step, previous, hold)
+      elif statistics_first:
+        state, failed = _statistics(stages, bucket, grad, state, step, previous, initial, hold)
+        failures += failed
+      direction, state = _direction(stages, bucket, grad, state, step, frozen)
+      if first is not True and not statistics_first:
+        state, failed = _statistics(stages, bucket, grad, state, step, previous, initial, hold)
+        failures += failed
       directions.append(direction.astype(grad.dtype))
-    if first is not True and not statistics_first:
-      states, failures = statistics(states, directions)
-    return tuple(directions), tuple(states), failures
+      new_buckets.append(state)
+      if jax.tree.leaves(state.basis):
+        previous = state.basis
+    return tuple(directions), tuple(new_buckets), failures
 
   def update_fn(
     updates: Any, state: PreconditionerState, params: Any = None
