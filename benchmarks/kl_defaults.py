@@ -462,6 +462,27 @@ def run_scales(
   )
 
 
+def source_state() -> dict[str, str | None]:
+  """The repository's commit and a hash of kl_precond's uncommitted changes (None if clean)."""
+  import hashlib
+  import subprocess
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(kp.__file__)))
+
+  def git(*args: str) -> str | None:
+    try:
+      done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+      return None
+    return done.stdout if done.returncode == 0 else None
+
+  head, diff = git("rev-parse", "HEAD"), git("diff", "HEAD", "--", "kl_precond")
+  return dict(
+    commit=head.strip() if head else None,
+    kl_precond_diff_sha1=hashlib.sha1(diff.encode()).hexdigest() if diff else None,
+  )
+
+
 def run_benchmark(config: Config) -> dict[str, Any]:
   """The whole measurement: tuning and evaluation per task, then the scale table."""
   start = time.perf_counter()
@@ -503,6 +524,7 @@ def run_benchmark(config: Config) -> dict[str, Any]:
       cpu_count=os.cpu_count(),
       openblas_num_threads=os.environ.get("OPENBLAS_NUM_THREADS"),
       xla_flags=os.environ.get("XLA_FLAGS", ""),
+      **source_state(),
     ),
     timing=timing,
     wall_time_s=time.perf_counter() - start,
