@@ -191,6 +191,8 @@ def _kl_stages(
   b2: Any,
   shampoo_beta: Any,
   precondition_frequency: int,
+  eigenvalue_init: str,
+  clamp: str,
   init_factor: Any,
   max_clamp_value: Any,
   damping: Any,
@@ -199,6 +201,8 @@ def _kl_stages(
 ) -> tuple[estimators.KL, basis_lib.Refresh]:
   estimator = estimators.kl(
     _factor_beta(shampoo_beta, b2),
+    eigenvalue_init=eigenvalue_init,
+    clamp=clamp,
     init_factor=init_factor,
     max_clamp_value=max_clamp_value,
     damping=damping,
@@ -214,6 +218,8 @@ def scale_by_kl_soap(
   *,
   shampoo_beta: Any = None,
   precondition_frequency: int = 10,
+  eigenvalue_init: str = "eigh",
+  clamp: str = "relative",
   init_factor: Any = 0.1,
   max_clamp_value: Any = 4000.0,
   damping: Any = 0.0,
@@ -245,8 +251,14 @@ def scale_by_kl_soap(
     eps: added to ``√V``.
     shampoo_beta: factor and eigenvalue EMA weight ``β`` (``None``: ``b2``).
     precondition_frequency: ``T``, steps between QR refreshes (static).
-    init_factor: initial eigenvalue estimate ``ℓ_0``.
-    max_clamp_value: cap of the clamp ``s ≤ max(10, min(d, cap))``; ``None``: no clamping.
+    eigenvalue_init: where the eigenvalue estimates ``ℓ`` start: ``"eigh"`` (the first
+      decomposition's eigenvalues of the first, isotropically whitened statistic), ``"trace"``,
+      ``"debiased"``, or ``"constant"`` (``init_factor``; the authors' code). See
+      :func:`kl_precond.kl`.
+    clamp: ``"relative"`` (``ℓ ≥ max ℓ / κ²``) or ``"absolute"`` (``s = ℓ^(-1/2) ≤ κ``; the
+      authors'), ``κ = max(10, min(d, max_clamp_value))``.
+    init_factor: initial eigenvalue estimate ``ℓ_0`` of ``eigenvalue_init="constant"``.
+    max_clamp_value: cap of the clamp's ``κ``; ``None``: no clamping.
     damping: trace damping strength added to the eigenvalue targets (reference: ``eps``).
     max_precond_dim: axes longer than this get no factor (static).
     merge_small_dims: merge neighbouring small axes.
@@ -269,6 +281,8 @@ def scale_by_kl_soap(
     b2,
     shampoo_beta,
     precondition_frequency,
+    eigenvalue_init,
+    clamp,
     init_factor,
     max_clamp_value,
     damping,
@@ -295,6 +309,8 @@ def kl_soap(
   mask: Any = None,
   shampoo_beta: Any = None,
   precondition_frequency: int = 10,
+  eigenvalue_init: str = "eigh",
+  clamp: str = "relative",
   init_factor: Any = 0.1,
   max_clamp_value: Any = 4000.0,
   damping: Any = 0.0,
@@ -321,6 +337,8 @@ def kl_soap(
     eps,
     shampoo_beta=shampoo_beta,
     precondition_frequency=precondition_frequency,
+    eigenvalue_init=eigenvalue_init,
+    clamp=clamp,
     init_factor=init_factor,
     max_clamp_value=max_clamp_value,
     damping=damping,
@@ -343,6 +361,8 @@ def scale_by_kl_shampoo(
   *,
   shampoo_beta: Any = None,
   precondition_frequency: int = 10,
+  eigenvalue_init: str = "eigh",
+  clamp: str = "relative",
   init_factor: Any = 0.1,
   max_clamp_value: Any = 4000.0,
   damping: Any = 0.0,
@@ -377,8 +397,14 @@ def scale_by_kl_shampoo(
     eps: added to ``√(ℓ_L ℓ_R)`` (zero estimates give zero scaling).
     shampoo_beta: factor and eigenvalue EMA weight ``β`` (``None``: ``b2``).
     precondition_frequency: ``T``, steps between QR refreshes (static).
-    init_factor: initial eigenvalue estimate ``ℓ_0``.
-    max_clamp_value: cap of the clamp ``s ≤ max(10, min(d, cap))``; ``None``: no clamping.
+    eigenvalue_init: where the eigenvalue estimates ``ℓ`` start: ``"eigh"`` (the first
+      decomposition's eigenvalues of the first, isotropically whitened statistic), ``"trace"``,
+      ``"debiased"``, or ``"constant"`` (``init_factor``; the authors' code). See
+      :func:`kl_precond.kl`.
+    clamp: ``"relative"`` (``ℓ ≥ max ℓ / κ²``) or ``"absolute"`` (``s = ℓ^(-1/2) ≤ κ``; the
+      authors'), ``κ = max(10, min(d, max_clamp_value))``.
+    init_factor: initial eigenvalue estimate ``ℓ_0`` of ``eigenvalue_init="constant"``.
+    max_clamp_value: cap of the clamp's ``κ``; ``None``: no clamping.
     damping: trace damping strength added to the eigenvalue targets (reference: ``eps``).
     max_precond_dim: axes longer than this get no factor (static).
     merge_small_dims: merge neighbouring small axes.
@@ -407,6 +433,8 @@ def scale_by_kl_shampoo(
     b2,
     shampoo_beta,
     precondition_frequency,
+    eigenvalue_init,
+    clamp,
     init_factor,
     max_clamp_value,
     damping,
@@ -436,6 +464,8 @@ def kl_shampoo(
   mask: Any = None,
   shampoo_beta: Any = None,
   precondition_frequency: int = 10,
+  eigenvalue_init: str = "eigh",
+  clamp: str = "relative",
   init_factor: Any = 0.1,
   max_clamp_value: Any = 4000.0,
   damping: Any = 0.0,
@@ -462,6 +492,8 @@ def kl_shampoo(
     eps,
     shampoo_beta=shampoo_beta,
     precondition_frequency=precondition_frequency,
+    eigenvalue_init=eigenvalue_init,
+    clamp=clamp,
     init_factor=init_factor,
     max_clamp_value=max_clamp_value,
     damping=damping,

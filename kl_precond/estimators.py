@@ -51,6 +51,7 @@ from kl_precond import scaling, tensor_ops
 from kl_precond._validation import (
   check_beta,
   check_beta_or_sum,
+  check_choice,
   check_nonnegative,
   check_positive,
 )
@@ -110,6 +111,7 @@ class Frobenius:
     initial: Any = None,
     hold: Any = None,
     eigenvalues: Any = None,
+    step: Any = None,
   ) -> FrobeniusState:
     """Folds one gradient block into the factors; ``bases`` and ``eigenvalues`` (the basis
     stage's) are unused.
@@ -118,7 +120,7 @@ class Frobenius:
     update already equals :meth:`first`, so it is unused too. Where the traced flag ``hold`` is
     set the factors come back unchanged, whatever ``grad`` holds.
     """
-    del bases, initial, eigenvalues
+    del bases, initial, eigenvalues, step
     return self._fold(state, lambda axis: grad, hold)
 
   def _fold(self, state: FrobeniusState, source: Any, hold: Any) -> FrobeniusState:
@@ -229,6 +231,7 @@ class KLRoots(Frobenius):
     initial: Any = None,
     hold: Any = None,
     eigenvalues: Any = None,
+    step: Any = None,
   ) -> FrobeniusState:
     """Folds one gradient block, whitened on every other factored axis ``j`` by the inverse root
     ``Q_j diag(λ_j^(-a_j)) Q_jᵀ`` of the basis stage's last refresh (``bases``, ``eigenvalues``).
@@ -236,10 +239,10 @@ class KLRoots(Frobenius):
     As the Gram matrix of axis ``i`` is unchanged by an orthogonal map on the other axes, the
     whitened gradient is taken as ``G ×_j (Q_j diag λ_j^(-a_j))ᵀ``: one product per other axis
     (``_whitened``, as :func:`kl`). Without bases or eigenvalues (the first call) this is
-    :func:`frobenius`'s update; ``initial`` is unused (the initial bases are the identity and
-    the eigenvalues one).
+    :func:`frobenius`'s update; ``initial`` and ``step`` are unused (the initial bases are the
+    identity and the eigenvalues one).
     """
-    del initial
+    del initial, step
     if eigenvalues is None or all(b is None for b in bases):
       return self._fold(state, lambda axis: grad, hold)
     if any(b is not None and b.ndim != 2 for b in bases):
@@ -336,6 +339,10 @@ def _inverse_sqrt(x: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(y), y, 0)
 
 
+EIGENVALUE_INITS = ("constant", "trace", "eigh", "debiased")
+CLAMPS = ("absolute", "relative")
+
+
 @dataclasses.dataclass(frozen=True)
 class KL:
   """KL factor statistics (KL-Shampoo/KL-SOAP); see :func:`kl`."""
@@ -345,22 +352,62 @@ class KL:
   max_clamp_value: Any = 4000.0
   damping: Any = 0.0
   dtype: Any = None
+  eigenvalue_init: str = "constant"
+  clamp: str = "absolute"
+
+  @property
+  def from_data(self) -> bool:
+    """The eigenvalue estimates start from the first gradient (not from ``init_factor``)."""
+    return self.eigenvalue_init != "constant"
+
+  # The chassis calls ``seed`` after the first basis is built (see ``estimates``).
+  @property
+  def seeds(self) -> bool:
+    return self.from_data
 
   def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any) -> KLState:
     dtype = self.dtype or dtype
     roots = tuple(
-      jnp.full((d,), self.init_factor, dtype) ** -0.5 if m else None
+      (
+        jnp.zeros((d,), dtype)
+        if self.from_data
+        else jnp.full((d,), self.init_factor, dtype) ** -0.5
+      )
+      if m
+      else None
       for d, m in zip(shape, mask, strict=True)
     )
     return KLState(_zero_factors(shape, mask, dtype), roots)
 
+  def _isotropic(self, grad: jax.Array, factored: int) -> jax.Array:
+    """``s = a^(-1/2)`` of the isotropic KL fixed point ``S_j = a I`` on the ``m`` factored axes,
+    ``a^m = mean(G²)`` (zero for a zero gradient)."""
+    mean_square = jnp.mean(jnp.square(grad))
+    safe = jnp.where(mean_square > 0, mean_square, 1)
+    return jnp.where(mean_square > 0, safe ** (-0.5 / max(factored, 1)), 0)
+
   def first(self, grad: jax.Array, state: KLState) -> KLState:
-    """First gradient: ``F_i = (1-β) (d_i/N) G_(i) G_(i)ᵀ`` (other factors taken as identity)."""
-    factors = tuple(
-      None if f is None else self._fold(f, tensor_ops.mode_gram(grad, axis), grad, axis)
-      for axis, f in enumerate(state.factors)
-    )
-    return KLState(factors, state.inverse_roots)
+    """First gradient: ``F_i = (1-β) (d_i/N) G_(i) G_(i)ᵀ`` with the other factors taken as the
+    identity (``eigenvalue_init="constant"``), or as the isotropic ``a I`` (a data start)."""
+    others = sum(f is not None for f in state.factors) - 1
+    iso = self._isotropic(grad, others + 1) if self.from_data else None
+    factors: list[jax.Array | None] = []
+    for axis, factor in enumerate(state.factors):
+      if factor is None:
+        factors.append(None)
+        continue
+      gram = tensor_ops.mode_gram(grad, axis)
+      if iso is not None:
+        gram = gram * (iso ** (2 * others)).astype(gram.dtype)
+      factors.append(self._fold(factor, gram, grad, axis))
+    return KLState(tuple(factors), state.inverse_roots)
+
+  def _first_roots(self, grad: jax.Array, roots: Scales) -> list[Any]:
+    """The whitening of the first call: ones, or the isotropic fixed point's ``a^(-1/2)``."""
+    if not self.from_data:
+      return [None if r is None else jnp.ones_like(r) for r in roots]
+    iso = self._isotropic(grad, sum(r is not None for r in roots))
+    return [None if r is None else jnp.full(r.shape, iso, grad.dtype) for r in roots]
 
   def _fold(
     self, factor: jax.Array, gram: jax.Array, grad: jax.Array, axis: int, hold: Any = None
@@ -381,10 +428,36 @@ class KL:
     whitened = _whitened(grad, bases, roots, axis)
     return self._fold(factor, tensor_ops.mode_gram(whitened, axis), grad, axis, hold)
 
+  def _ceiling(self, dim: int) -> jax.Array:
+    """``κ = max(10, min(d, max_clamp_value))``."""
+    return jnp.maximum(10.0, jnp.minimum(float(dim), self.max_clamp_value))
+
+  def _clamped(self, eigenvalue: jax.Array) -> jax.Array:
+    """``s = ℓ^(-1/2)`` under the clamp: ``s ≤ κ`` (absolute) or ``ℓ ≥ max ℓ / κ²``
+    (relative: ``s ≤ κ min s``, the absolute clamp in units of the largest estimate)."""
+    if self.max_clamp_value is None:
+      return _inverse_sqrt(eigenvalue)
+    ceiling = self._ceiling(eigenvalue.shape[-1])
+    if self.clamp == "relative":
+      largest = jnp.max(jnp.where(jnp.isfinite(eigenvalue), eigenvalue, 0))
+      return _inverse_sqrt(jnp.maximum(eigenvalue, largest / ceiling**2))
+    return jnp.minimum(_inverse_sqrt(eigenvalue), ceiling)
+
+  def _rate(self, step: Any) -> Any:
+    """The eigenvalue EMA's weight on the new target: ``1-β``, or with ``"debiased"`` Adam's
+    bias-corrected ``(1-β)/(1-β^(t+1))`` (the seed counted as the observation of step 0)."""
+    if self.eigenvalue_init != "debiased" or step is None:
+      return 1 - self.beta
+    dtype = jnp.result_type(float)
+    return (1 - jnp.asarray(self.beta, dtype)) / tensor_ops.ema_correction(
+      self.beta, jnp.asarray(step, dtype) + 1, dtype
+    )
+
   def _update_root(
-    self, projected: jax.Array, roots: Scales, axis: int, damping: jax.Array
+    self, projected: jax.Array, roots: Scales, axis: int, damping: jax.Array, step: Any = None
   ) -> jax.Array:
-    """EMA of the eigenvalue estimate of axis ``axis``, returned as a clamped ``ℓ^(-1/2)``."""
+    """EMA of the eigenvalue estimate of axis ``axis``, returned as a clamped ``ℓ^(-1/2)``. An
+    axis with no estimate yet (all ``s = 0``, a data start not yet seeded) takes the target."""
     scaled = projected * tensor_ops.kron_outer(
       [None if j == axis else r for j, r in enumerate(roots)], projected.shape
     )
@@ -393,19 +466,17 @@ class KL:
     root = roots[axis]
     assert root is not None
     eigenvalue = jnp.where(root != 0, 1 / root**2, 0)
-    eigenvalue = eigenvalue + (1 - self.beta) * (target - eigenvalue)
-    new_root = _inverse_sqrt(eigenvalue)
-    if self.max_clamp_value is not None:
-      dim = projected.shape[axis]
-      ceiling = jnp.maximum(10.0, jnp.minimum(float(dim), self.max_clamp_value))
-      new_root = jnp.minimum(new_root, ceiling)
-    return new_root.astype(root.dtype)
+    eigenvalue = eigenvalue + self._rate(step) * (target - eigenvalue)
+    if self.from_data:
+      eigenvalue = jnp.where(jnp.all(root == 0), target, eigenvalue)
+    return self._clamped(eigenvalue).astype(root.dtype)
 
   def _dampings(self, roots: Scales) -> list[jax.Array]:
-    """Trace damping ``δ_i = damping · Π_j τ_j / τ_i`` with ``τ_j = mean(s_j²)`` (old ``s``)."""
+    """Trace damping ``δ_i = damping · Π_j τ_j / τ_i`` with ``τ_j = mean(s_j²)`` (old ``s``;
+    ``δ_i = 0`` where ``τ_i = 0``, an axis with no estimate yet)."""
     traces = [jnp.ones(()) if r is None else jnp.mean(r**2) for r in roots]
     total = self.damping * math.prod(traces)
-    return [total / tau for tau in traces]
+    return [jnp.where(tau > 0, total / jnp.where(tau > 0, tau, 1), 0) for tau in traces]
 
   def update(
     self,
@@ -415,6 +486,7 @@ class KL:
     initial: Any = None,
     hold: Any = None,
     eigenvalues: Any = None,
+    step: Any = None,
   ) -> KLState:
     """Folds one gradient block into the factors and the eigenvalue estimates.
 
@@ -424,22 +496,32 @@ class KL:
     reference does for matrices.
 
     Where the flag ``initial`` (possibly traced) is set, this is :meth:`first` instead (the
-    state must be the initial one, whose bases are the identity): the factors fold the raw
-    gradient (no whitening) and the eigenvalue estimates are left as they are. Selecting the
-    whitening scales, not the branch, keeps the projection of ``G`` shared with the direction.
+    state must be the initial one, whose bases are the identity): the factors fold the gradient
+    whitened as :meth:`first` does and the eigenvalue estimates are left as they are (the
+    chassis then calls :meth:`seed`). Selecting the whitening scales, not the branch, keeps the
+    projection of ``G`` shared with the direction. With a data start, an axis with no estimate
+    yet (``s = 0``: the first call was skipped by ``first_call="identity"``, or its gradient was
+    zero) whitens the others by the isotropic ``a^(-1/2)`` and takes its target as its estimate.
     Where the traced flag ``hold`` is set, the state comes back unchanged, whatever ``grad``
     holds. ``eigenvalues`` (the basis stage's) is unused: the estimates are this stage's own.
+    ``step`` (the chassis' ``t``) sets the rate of ``eigenvalue_init="debiased"``.
     """
     del eigenvalues
     factors, roots = list(state.factors), list(state.inverse_roots)
     dtype = jnp.promote_types(grad.dtype, jnp.float32)
     grad = grad.astype(dtype)
     roots = [None if r is None else r.astype(dtype) for r in roots]
+    first_roots = self._first_roots(grad, roots)
 
     def whitening(scales: list[Any]) -> list[Any]:
-      if initial is None:
-        return scales
-      return [None if r is None else jnp.where(initial, jnp.ones_like(r), r) for r in scales]
+      out = []
+      for r, start in zip(scales, first_roots, strict=True):
+        if r is not None and self.from_data:
+          r = jnp.where(jnp.all(r == 0), start, r)
+        if r is not None and initial is not None:
+          r = jnp.where(initial, start, r)
+        out.append(r)
+      return out
 
     projected = tensor_ops.project(grad, bases)
     dampings = self._dampings(roots)
@@ -452,21 +534,26 @@ class KL:
           factors[axis] = self._update_factor(grad, factor, bases, whitening(old), axis, hold)
       for axis in (2, 1):
         if roots[axis] is not None:
+          mixed = [old[0], roots[1], roots[2]]
           roots[axis] = self._update_root(
-            projected, [old[0], roots[1], roots[2]], axis, dampings[axis]
+            projected, self._with_own(whitening(mixed), mixed, axis), axis, dampings[axis], step
           )
       first_factor = factors[0]
       if first_factor is not None:
         mixed = [old[0], roots[1], old[2]]
         factors[0] = self._update_factor(grad, first_factor, bases, whitening(mixed), 0, hold)
-        roots[0] = self._update_root(projected, mixed, 0, dampings[0])
+        roots[0] = self._update_root(
+          projected, self._with_own(whitening(mixed), mixed, 0), 0, dampings[0], step
+        )
     else:
       old = list(roots)
       for axis in active:
         factor = factors[axis]
         assert factor is not None
         factors[axis] = self._update_factor(grad, factor, bases, whitening(old), axis, hold)
-        roots[axis] = self._update_root(projected, old, axis, dampings[axis])
+        roots[axis] = self._update_root(
+          projected, self._with_own(whitening(old), old, axis), axis, dampings[axis], step
+        )
     keep = initial if hold is None else hold if initial is None else initial | hold
     if keep is not None:  # one select on a vector per axis
       roots = [
@@ -479,26 +566,68 @@ class KL:
     )
     return KLState(tuple(factors), stored)
 
+  def _with_own(self, whitened: list[Any], raw: list[Any], axis: int) -> list[Any]:
+    """The scales an eigenvalue target of ``axis`` uses: the whitening of the other axes, and
+    the axis' own (unsubstituted) estimate, which the EMA starts from."""
+    if not self.from_data:
+      return raw
+    return [raw[j] if j == axis else w for j, w in enumerate(whitened)]
+
+  def seed(self, state: KLState, bases: Scales) -> tuple[jax.Array | None, ...]:
+    """The eigenvalue estimates a data start takes from the first call's factors
+    ``F_i = (1-β) Δ_i`` (``Δ_i`` the first whitened statistic) and the first ``bases``:
+    ``ℓ_i = tr(Δ_i)/d_i`` (``"trace"``) or ``diag(Q_iᵀ Δ_i Q_i)`` (``"eigh"``, ``"debiased"``:
+    the first decomposition's eigenvalues), clamped. Returned as ``s_i = ℓ_i^(-1/2)``."""
+    if not self.from_data:
+      return state.inverse_roots
+    roots: list[jax.Array | None] = []
+    for factor, basis, root in zip(state.factors, bases, state.inverse_roots, strict=True):
+      if factor is None or root is None:
+        roots.append(root)
+        continue
+      matrix = factor.astype(jnp.promote_types(factor.dtype, jnp.float32))
+      if self.eigenvalue_init == "trace" or basis is None:
+        values = jnp.full(root.shape, jnp.trace(matrix) / root.shape[0], matrix.dtype)
+      else:
+        rotation = basis.astype(matrix.dtype)
+        values = jnp.sum(rotation * (matrix @ rotation), axis=0)
+      values = jnp.maximum(values, 0) / (1 - jnp.asarray(self.beta, matrix.dtype))
+      roots.append(self._clamped(values).astype(root.dtype))
+    return tuple(roots)
+
+  def estimates(self, state: KLState) -> tuple[jax.Array | None, ...]:
+    """The part of the state :meth:`seed` sets (the chassis passes only it through the first
+    call's conditional)."""
+    return state.inverse_roots
+
+  def with_estimates(self, state: KLState, estimates: Any) -> KLState:
+    return state._replace(inverse_roots=tuple(estimates))
+
   eigenvalues_fixed_between_refreshes = False  # ``ℓ_i`` are updated every step
 
   def gain(self, state: KLState, basis_state: Any = None) -> jax.Array:
     """Bound on ``|entry| / ‖G‖²`` of the statistics an update writes.
 
     The whitened gradient is ``G ×_j (Q_j diag s_j)ᵀ``, so every factor entry and eigenvalue
-    target is at most ``‖G‖² Π_j max(1, max s_j)²``; with clamping, ``s_j`` (old or new) never
-    exceeds the clamp ceiling of its axis, a bound that needs no state (``basis_state`` is
-    unused).
+    target is at most ``‖G‖² Π_j max(1, max s_j)²``. With the absolute clamp, ``s_j`` (old or
+    new) never exceeds the clamp ceiling of its axis, a bound that needs no state; otherwise
+    the largest stored ``s_j``, over ``β`` for the new ones an order-3 block whitens with
+    (``ℓ_new ≥ β ℓ_old``). A data start's isotropic whitening (first call, or an axis with no
+    estimate) is ``mean(G²)^(-1/(2m))`` per axis, so its entries are at
+    most ``max(N, ‖G‖²)``. ``basis_state`` is unused.
     """
     del basis_state
     gain = jnp.ones((), jnp.float32)
+    order = len(state.inverse_roots)
     for root in state.inverse_roots:
       if root is None:
         continue
-      if self.max_clamp_value is not None:
-        dim = root.shape[0]
-        peak = jnp.maximum(10.0, jnp.minimum(float(dim), self.max_clamp_value))
+      if self.max_clamp_value is not None and self.clamp == "absolute":
+        peak = self._ceiling(root.shape[0])
       else:
         peak = jnp.max(jnp.abs(root.astype(jnp.float32)))
+        if order == 3:
+          peak = peak / jnp.sqrt(jnp.asarray(self.beta, jnp.float32))
       gain = gain * jnp.maximum(1.0, peak) ** 2
     return jnp.where(jnp.isfinite(gain), gain, 1.0)
 
@@ -515,6 +644,8 @@ class KL:
 def kl(
   beta: Any,
   *,
+  eigenvalue_init: str = "eigh",
+  clamp: str = "relative",
   init_factor: Any = 0.1,
   max_clamp_value: Any = 4000.0,
   damping: Any = 0.0,
@@ -528,29 +659,67 @@ def kl(
       G_{(i)} \\Big(\\bigotimes_{j\\ne i} Q_j \\mathrm{diag}(s_j^2) Q_j^\\top\\Big) G_{(i)}^\\top \\\\
     \\ell_i &\\leftarrow \\beta \\ell_i + (1-\\beta)\\,
       \\big(\\mathrm{mean}_{j \\ne i}\\,(\\tilde G \\textstyle\\prod_{j\\ne i} s_j)^2 + \\delta_i\\big),
-    \\qquad s_i = \\min(\\ell_i^{-1/2}, \\kappa_i)
+    \\qquad s_i = \\ell_i^{-1/2}\\ \\text{(clamped)}
 
-  with ``G̃ = proj(G)`` in the current bases, ``κ_i = max(10, min(d_i, max_clamp_value))`` and
-  ``δ_i = damping · Π_j mean(s_j²) / mean(s_i²)``. The first gradient only builds the factors
-  (``s_j = 1``); ``ℓ`` starts at ``init_factor``.
+  with ``G̃ = proj(G)`` in the current bases and ``δ_i = damping · Π_j mean(s_j²) / mean(s_i²)``.
+  The first gradient only builds the factors and the first bases.
+
+  **Scale.** If every gradient is multiplied by ``c > 0``, the fixed point of these equations
+  has ``ℓ_i ∝ c^(2/m)`` on the ``m`` factored axes (``Π_i ℓ_i ∝ c²``), so KL-Shampoo's
+  ``(⊗ ℓ_i)^(-1/2)`` and KL-SOAP's bases are unchanged. Whether a run is, depends on where ``ℓ``
+  starts and on the clamp:
+
+  * ``eigenvalue_init="constant"`` (the authors' code): ``ℓ_i`` starts at ``init_factor`` and the
+    first call whitens by the identity. Until the EMA forgets that start (about
+    ``ln(init_factor/ℓ_data)/(1-β)`` steps) the step size is set by ``init_factor``, not by the
+    gradients: an implicit warm-up whose length depends on the loss's scale.
+  * A data start: the first call whitens by the isotropic fixed point ``S_j = a I`` with
+    ``a^m = mean(G²)`` (exact for isotropic gradients) and ``ℓ_i`` starts at what that first
+    statistic ``Δ_i`` says: ``tr(Δ_i)/d_i = a`` on every direction (``"trace"``), or
+    ``diag(Q_iᵀ Δ_i Q_i)``, the first decomposition's eigenvalues (``"eigh"``). ``"debiased"``
+    is ``"eigh"`` followed by Adam's bias-corrected EMA, i.e. a zero start with
+    ``ℓ̂ = ℓ/(1-β^(t+1))`` where the first call is observation 0: its weight decays as
+    ``(1-β)β^t/(1-β^(t+1))`` instead of ``β^t``. Each of these scales as ``c^(2/m)``.
+  * ``clamp="absolute"`` (the authors'): ``s_i ≤ κ_i = max(10, min(d_i, max_clamp_value))``, in
+    absolute units: with small gradients it binds on every direction and the step becomes
+    SGD-like. ``clamp="relative"``: ``ℓ_i ≥ max(ℓ_i)/κ_i²``, i.e. ``s_i ≤ κ_i min(s_i)``, the
+    same bound measured in units of the factor's largest estimate (equal to the absolute one
+    where ``max ℓ_i = 1``), which is scale-free.
+
+  So with a data start and the relative clamp (or none) the whole trajectory is invariant under
+  ``G → cG`` when ``eps`` (added to ``√(ℓ_L ℓ_R)`` or ``√V``) is scaled by ``c`` too, or is
+  negligible; ``damping`` is not scale-free (keep it ``0``). A data start whose first gradient
+  is zero (or that never had a first call) keeps ``s = 0`` (zero scaling) and takes its first
+  nonzero target as its estimate.
 
   Args:
     beta: EMA weight of the factors and of the eigenvalue estimates, in ``[0, 1)``.
-    init_factor: initial eigenvalue estimate ``ℓ_0 > 0``.
-    max_clamp_value: cap of the clamp on ``s``; ``None`` turns clamping off.
+    eigenvalue_init: where ``ℓ`` starts: ``"eigh"`` (default), ``"trace"``, ``"debiased"`` or
+      ``"constant"`` (``init_factor``; the authors' code).
+    clamp: ``"relative"`` (default) or ``"absolute"`` (the authors'); ``max_clamp_value=None``
+      turns either off.
+    init_factor: ``ℓ_0 > 0`` of ``eigenvalue_init="constant"``.
+    max_clamp_value: cap of the clamp's ``κ_i``; ``None`` turns clamping off.
     damping: trace damping strength (``0`` = off; the reference uses its ``eps``).
     dtype: storage dtype of factors and estimates (default: the parameter's dtype).
 
   Returns:
     The estimator stage.
 
+  Example:
+    >>> import kl_precond as kp
+    >>> authors = kp.kl(0.98, eigenvalue_init="constant", clamp="absolute")
+    >>> scale_free = kp.kl(0.98)
+
   References:
     Lin et al., "Understanding and Improving Shampoo and SOAP via Kullback-Leibler
     Minimization", 2025, https://arxiv.org/abs/2509.03378
   """
   check_beta("beta", beta)
+  check_choice("eigenvalue_init", eigenvalue_init, EIGENVALUE_INITS)
+  check_choice("clamp", clamp, CLAMPS)
   check_positive("init_factor", init_factor)
   if max_clamp_value is not None:
     check_positive("max_clamp_value", max_clamp_value)
   check_nonnegative("damping", damping)
-  return KL(beta, init_factor, max_clamp_value, damping, dtype)
+  return KL(beta, init_factor, max_clamp_value, damping, dtype, eigenvalue_init, clamp)

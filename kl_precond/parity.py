@@ -169,6 +169,9 @@ def _klopt_recipe(kwargs: dict[str, Any]) -> Recipe:
     eps,
     shampoo_beta=_shampoo_beta(kwargs.get("shampoo_beta", -1)),
     precondition_frequency=int(kwargs.get("precondition_frequency", 10)),
+    # The authors' start and clamp (our defaults are the scale-free ones).
+    eigenvalue_init="constant",
+    clamp="absolute",
     init_factor=kwargs.get("init_factor", 0.1),
     max_clamp_value=kwargs.get("max_clamp_value", 4000)
     if kwargs.get("using_clamping", True)

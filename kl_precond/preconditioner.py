@@ -112,12 +112,20 @@ def _first(
   factors = jax.vmap(stages.estimator.factors, in_axes=(0, None))(estimator, step)
   factors = tensor_ops.after(factors, after)
   basis = jax.vmap(stages.basis.first)(factors, state.basis)
+  if _seeds(stages):
+    seeded = jax.vmap(stages.estimator.seed)(estimator, basis.bases)
+    estimator = stages.estimator.with_estimates(estimator, seeded)
   scaling = _rotate(
     stages, stages.scaling_for(bucket), estimator, state.scaling, state.basis, basis, None
   )
   basis, scaling = _settle(stages, basis, scaling, state.scaling)
   new = state._replace(estimator=estimator, basis=basis, scaling=scaling)
   return new if hold is None else _select(hold, state, new)
+
+
+def _seeds(stages: _Stages) -> bool:
+  """The estimator sets its eigenvalue estimates from the first basis (``estimator.seed``)."""
+  return bool(getattr(stages.estimator, "seeds", False))
 
 
 def _select(flag: Any, old: Any, new: Any) -> Any:
@@ -208,12 +216,18 @@ def _statistics(
 
   # On the first call ``update`` acts as ``first`` (the estimator selects, elementwise): a
   # conditional here would hide the gradient's projection from the direction's (no sharing).
-  fold = jax.vmap(stages.estimator.update, in_axes=(0, 0, 0, None, None, 0))
+  fold = jax.vmap(stages.estimator.update, in_axes=(0, 0, 0, None, None, 0, None))
   state = state._replace(
     estimator=fold(
-      grads, state.estimator, state.basis.bases, initial, hold, state.basis.eigenvalues
+      grads, state.estimator, state.basis.bases, initial, hold, state.basis.eigenvalues, step
     )
   )
+  # An estimator that seeds its eigenvalue estimates from the first basis gets them back from
+  # the first call's branch; only those vectors pass through the conditional.
+  seeding = _seeds(stages)
+
+  def estimates(estimator: Any) -> Any:
+    return stages.estimator.estimates(estimator) if seeding else ()
 
   # The branches return only what a refresh changes: state passed through a conditional is
   # copied on every call, so the (read-only) factors are not.
@@ -221,21 +235,25 @@ def _statistics(
     values = jax.vmap(stages.estimator.factors, in_axes=(0, None))(estimator, step)
     return tensor_ops.after(values, after)
 
-  def keep(estimator: Any, basis: Any, scaling_state: Any) -> tuple[Any, Any, jax.Array]:
-    del estimator
-    return basis, scaling_state, jnp.zeros((), jnp.int32)
+  Branch = tuple[Any, Any, jax.Array, Any]
 
-  def refresh(estimator: Any, basis: Any, scaling_state: Any) -> tuple[Any, Any, jax.Array]:
+  def keep(estimator: Any, basis: Any, scaling_state: Any) -> Branch:
+    return basis, scaling_state, jnp.zeros((), jnp.int32), estimates(estimator)
+
+  def refresh(estimator: Any, basis: Any, scaling_state: Any) -> Branch:
     new, permutations, failed = jax.vmap(stages.basis.refresh)(factors(estimator), basis)
     rotated = _rotate(stages, scaling, estimator, scaling_state, basis, new, permutations)
     new, rotated = _settle(stages, new, rotated, scaling_state)
-    return new, rotated, jnp.sum(failed, dtype=jnp.int32)
+    return new, rotated, jnp.sum(failed, dtype=jnp.int32), estimates(estimator)
 
-  def build(estimator: Any, basis: Any, scaling_state: Any) -> tuple[Any, Any, jax.Array]:
+  def build(estimator: Any, basis: Any, scaling_state: Any) -> Branch:
     new = jax.vmap(stages.basis.first)(factors(estimator), basis)
+    if seeding:
+      seeded = jax.vmap(stages.estimator.seed)(estimator, new.bases)
+      estimator = stages.estimator.with_estimates(estimator, seeded)
     rotated = _rotate(stages, scaling, estimator, scaling_state, basis, new, None)
     new, rotated = _settle(stages, new, rotated, scaling_state)
-    return new, rotated, jnp.zeros((), jnp.int32)
+    return new, rotated, jnp.zeros((), jnp.int32), estimates(estimator)
 
   due = (step % stages.basis.every == 0) & (step > stages.basis.start) | (
     step == stages.basis.start
@@ -245,10 +263,13 @@ def _statistics(
     initial = None if initial is None else initial & ~hold
   operands = (state.estimator, state.basis, state.scaling)
   if initial is None:
-    basis, scaling_state, failed = jax.lax.cond(due, refresh, keep, *operands)
+    basis, scaling_state, failed, values = jax.lax.cond(due, refresh, keep, *operands)
   else:
     index = jnp.where(initial, 2, due.astype(jnp.int32))
-    basis, scaling_state, failed = jax.lax.switch(index, (keep, refresh, build), *operands)
+    branches = (keep, refresh, build)
+    basis, scaling_state, failed, values = jax.lax.switch(index, branches, *operands)
+  if seeding:
+    state = state._replace(estimator=stages.estimator.with_estimates(state.estimator, values))
   return state._replace(basis=basis, scaling=scaling_state), failed
 
 

@@ -80,16 +80,40 @@ def soap_reference(grads, *, b1, b2, eps, beta, every, sort, bias_correction=Tru
   return out
 
 
-def _clamp_root(ell: np.ndarray, dim: int, cap) -> np.ndarray:
+def _clamp_root(ell: np.ndarray, dim: int, cap, clamp: str = "absolute") -> np.ndarray:
+  kappa = None if cap is None else max(10.0, min(float(dim), cap))
+  if kappa is not None and clamp == "relative":
+    ell = np.maximum(ell, np.max(ell) / kappa**2)
   with np.errstate(divide="ignore"):
     root = np.where(ell > 0, 1 / np.sqrt(np.where(ell > 0, ell, 1)), 0.0)
-  if cap is not None:
-    root = np.minimum(root, max(10.0, min(float(dim), cap)))
+  if kappa is not None and clamp == "absolute":
+    root = np.minimum(root, kappa)
   return root
 
 
-def kl_reference(grads, *, b1, b2, eps, beta, every, klsoap, init_factor=0.1, cap=4000.0):
-  """KL-Shampoo / KL-SOAP for 2-D and 3-D tensors (SPEC.md, kl_methods_spec.md §2.4)."""
+def kl_reference(
+  grads,
+  *,
+  b1,
+  b2,
+  eps,
+  beta,
+  every,
+  klsoap,
+  init_factor=0.1,
+  cap=4000.0,
+  start="constant",
+  clamp="absolute",
+):
+  """KL-Shampoo / KL-SOAP for 2-D and 3-D tensors (SPEC.md, kl_methods_spec.md §2.4).
+
+  ``start="constant"``, ``clamp="absolute"`` is the authors' code. The data starts (our
+  defaults), from the math: the first call whitens by ``a I`` on every other axis with
+  ``a^k = mean(G²)`` (``k`` the order), so ``F_i = (1-β)(d_i/N) G_(i)G_(i)ᵀ / a^(k-1)``; then
+  ``ℓ_i`` starts at ``tr(Δ_i)/d_i`` (``"trace"``) or at the eigenvalues of ``Δ_i = F_i/(1-β)``
+  in the first basis (``"eigh"``, ``"debiased"``); ``"debiased"`` updates ``ℓ`` with weight
+  ``(1-β)/(1-β^(t+1))``. ``clamp="relative"``: ``ℓ ≥ max ℓ / κ²``.
+  """
   shape = grads[0].shape
   order, numel = len(shape), int(np.prod(shape))
   factors = [np.zeros((d, d)) for d in shape]
@@ -114,15 +138,26 @@ def kl_reference(grads, *, b1, b2, eps, beta, every, klsoap, init_factor=0.1, ca
 
   def ema_root(axis, tgt):
     ell = np.where(roots[axis] != 0, 1 / np.where(roots[axis] != 0, roots[axis], 1) ** 2, 0.0)
-    ell = beta * ell + (1 - beta) * tgt
-    return _clamp_root(ell, shape[axis], cap)
+    rate = (1 - beta) / (1 - beta ** (step + 1)) if start == "debiased" else 1 - beta
+    ell = (1 - rate) * ell + rate * tgt
+    return _clamp_root(ell, shape[axis], cap, clamp)
 
   for g in grads:
     if bases is None:
+      whitening = 1.0 if start == "constant" else np.mean(g**2) ** ((order - 1) / order)
       factors = [
-        (1 - beta) * shape[i] / numel * unfold(g, i) @ unfold(g, i).T for i in range(order)
+        (1 - beta) * shape[i] / numel * unfold(g, i) @ unfold(g, i).T / whitening
+        for i in range(order)
       ]
       bases = [eigh_desc(f) for f in factors]
+      if start != "constant":
+        for i in range(order):
+          delta = factors[i] / (1 - beta)
+          if start == "trace":
+            ell = np.full(shape[i], np.trace(delta) / shape[i])
+          else:
+            ell = np.diag(bases[i].T @ delta @ bases[i])
+          roots[i] = _clamp_root(ell, shape[i], cap, clamp)
       out.append(np.zeros(shape))
       continue
     step += 1

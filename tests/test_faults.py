@@ -373,11 +373,19 @@ def test_within_range_uses_the_narrowest_state_dtype():
   assert not bool(kp.tensor_ops.within_range(blocks, 1.0, jnp.zeros(2, jnp.float16)))
 
 
-def test_kl_gain_bounds_every_statistic_of_an_update():
+@pytest.mark.parametrize(
+  "options",
+  [
+    {"eigenvalue_init": "constant", "clamp": "absolute", "init_factor": 1e-4},  # s = 100
+    {"eigenvalue_init": "constant", "clamp": "relative", "init_factor": 1e-4},
+    {},  # the default data start: no estimate before the first call, isotropic whitening
+  ],
+)
+def test_kl_gain_bounds_every_statistic_of_an_update(options):
   """From the initial state, every factor entry and eigenvalue estimate written by one update
   is at most ``gain · ‖G‖²`` (checked in float64 after random warm-up steps)."""
   with jax.enable_x64():
-    estimator = kp.kl(0.9, init_factor=1e-4)  # s = 100: whitening amplifies
+    estimator = kp.kl(0.9, **options)
     rng = np.random.default_rng(3)
     shape, mask = (6, 4), (True, True)
     state = estimator.init(shape, mask, jnp.float64)
@@ -390,19 +398,27 @@ def test_kl_gain_bounds_every_statistic_of_an_update():
       written = [
         np.asarray(f) - 0.9 * np.asarray(o) for f, o in zip(new.factors, state.factors, strict=True)
       ]
-      written += [1 / np.asarray(r) ** 2 for r in new.inverse_roots]
+      # The estimates' EMA increments, ℓ_new - βℓ_old (ℓ = 0 where s = 0: no estimate yet).
+      old, now = (
+        [np.where(r != 0, 1 / np.where(r != 0, r, 1) ** 2, 0) for r in map(np.asarray, roots)]
+        for roots in (state.inverse_roots, new.inverse_roots)
+      )
+      written += [n - 0.9 * o for n, o in zip(now, old, strict=True)]
       assert max(float(np.max(np.abs(w))) for w in written) <= gain * norm
       state = new
 
 
 @pytest.mark.parametrize("name", ["kl_soap", "kl_shampoo"])
 def test_kl_skips_a_gradient_its_whitening_could_overflow(name):
-  """‖G‖² = 1.6e35 fits float32, but KL's gain (clamp ceiling 10 per axis here: 1e4) does not:
-  skipped for the KL methods, accepted by SOAP (whose statistics are at most ‖G‖²)."""
+  """‖G‖² = 1.6e35 fits float32, but the authors' setting's gain (absolute clamp ceiling 10 per
+  axis here: 1e4) does not: skipped, where SOAP (statistics at most ‖G‖²) accepts it. The
+  default's gain comes from its estimates (``s ≈ 1`` after these gradients), so it accepts it
+  too, and stays finite."""
   grads = _stream()
   big = {"w": jnp.full((5, 3), 1e17, jnp.float32), "b": jnp.zeros((3,), jnp.float32)}
-  for method, skipped in ((name, 1), ("soap", 0)):
-    tx, update = _compiled(method, precondition_frequency=1)
+  authors = {"eigenvalue_init": "constant", "clamp": "absolute"}
+  for method, options, skipped in ((name, authors, 1), (name, {}, 0), ("soap", {}, 0)):
+    tx, update = _compiled(method, precondition_frequency=1, **options)
     _, state = _run(update, tx.init(PARAMS), grads[:3])
     out, state = update(big, state, PARAMS)
     (node,) = _preconditioner_states(state)
@@ -423,3 +439,21 @@ def test_a_nonfinite_direction_from_finite_state_is_zeroed_and_counted(name):
     np.testing.assert_array_equal(leaf, 0.0)
   assert int(node.skipped) == 1  # the first call is init-only: its update is zero anyway
   assert int(node.count) == 2
+
+
+@pytest.mark.parametrize("name", ["kl_soap", "kl_shampoo"])
+def test_a_data_start_with_zero_first_gradients_learns_from_the_first_nonzero_one(name):
+  """A zero first gradient (a zero-initialised layer) leaves the default's estimates empty
+  (``s = 0``: zero scaling); the first nonzero gradient is then taken as the estimate, and the
+  steps after it move the matrix. The authors' constant start needs no such rule."""
+  tx, update = _compiled(name)
+  zeros = jax.tree.map(jnp.zeros_like, PARAMS)
+  grads = [zeros, zeros, *_stream(4)]
+  updates, state = _run(update, tx.init(PARAMS), grads)
+  (node,) = _preconditioner_states(state)
+  assert _finite(updates) and _finite(state)
+  for out in updates[:2]:
+    np.testing.assert_array_equal(out["w"], 0.0)
+  assert all(float(jnp.max(jnp.abs(out["w"]))) > 0 for out in updates[3:])
+  estimates = [r for b in node.buckets for r in b.estimator.inverse_roots if r is not None]
+  assert estimates and all(bool(jnp.all(r > 0)) for r in estimates)

@@ -84,16 +84,55 @@ def test_soap_1d_is_adam_after_the_first_call():
     np.testing.assert_allclose(ours[t], expected, rtol=1e-12)
 
 
+# (eigenvalue_init, clamp): the authors' setting, the defaults, and the other starts.
+KL_SETTINGS = [
+  ("constant", "absolute"),
+  ("eigh", "relative"),
+  ("trace", "relative"),
+  ("debiased", "relative"),
+  ("eigh", "absolute"),
+]
+
+
 @pytest.mark.parametrize("shape", [(6, 6), (3, 4, 5)])
 @pytest.mark.parametrize("klsoap", [True, False])
-def test_kl_methods_match_numpy(shape, klsoap):
+@pytest.mark.parametrize("start, clamp", KL_SETTINGS)
+def test_kl_methods_match_numpy(shape, klsoap, start, clamp):
   grads = _stream(shape, 12, seed=3)
   factory = kp.scale_by_kl_soap if klsoap else kp.scale_by_kl_shampoo
-  tx = factory(0.9, 0.95, 1e-3, shampoo_beta=0.85, precondition_frequency=3, max_clamp_value=50.0)
+  tx = factory(
+    0.9,
+    0.95,
+    1e-3,
+    shampoo_beta=0.85,
+    precondition_frequency=3,
+    max_clamp_value=50.0,
+    eigenvalue_init=start,
+    clamp=clamp,
+  )
   ours, _ = _run(tx, grads)
   theirs = ref.kl_reference(
-    grads, b1=0.9, b2=0.95, eps=1e-3, beta=0.85, every=3, klsoap=klsoap, cap=50.0
+    grads,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-3,
+    beta=0.85,
+    every=3,
+    klsoap=klsoap,
+    cap=50.0,
+    start=start,
+    clamp=clamp,
   )
+  _assert_close(ours, theirs)
+
+
+def test_kl_defaults_are_the_data_start_and_relative_clamp():
+  grads = _stream((5, 4), 8, seed=12)
+  ours, _ = _run(kp.scale_by_kl_shampoo(precondition_frequency=2), grads)
+  theirs = ref.kl_reference(
+    grads, b1=0.9, b2=0.98, eps=1e-8, beta=0.98, every=2, klsoap=False, start="eigh",
+    clamp="relative",
+  )  # fmt: skip
   _assert_close(ours, theirs)
 
 
@@ -101,7 +140,14 @@ def test_kl_clamping_is_active_and_matches_numpy():
   # Tiny gradients drive the eigenvalue estimates down, so s = ℓ^(-1/2) hits the clamp.
   grads = [g * 1e-3 for g in _stream((6, 6), 10, seed=4)]
   tx = kp.scale_by_kl_shampoo(
-    0.9, 0.95, 1e-8, shampoo_beta=0.5, precondition_frequency=2, max_clamp_value=100.0
+    0.9,
+    0.95,
+    1e-8,
+    shampoo_beta=0.5,
+    precondition_frequency=2,
+    max_clamp_value=100.0,
+    eigenvalue_init="constant",
+    clamp="absolute",
   )
   ours, state = _run(tx, grads)
   theirs = ref.kl_reference(
@@ -110,6 +156,24 @@ def test_kl_clamping_is_active_and_matches_numpy():
   _assert_close(ours, theirs)
   roots = state.buckets[0].estimator.inverse_roots
   assert max(float(jnp.max(r)) for r in roots) == pytest.approx(10.0)  # max(10, min(6, 100))
+
+
+def test_kl_relative_clamp_is_active_and_matches_numpy():
+  # One direction of the gradients is 1e-4 times the others: its estimate hits the floor
+  # max ℓ / κ², so s_max / s_min = κ = max(10, min(6, 100)) on that axis.
+  rng = np.random.default_rng(13)
+  grads = [np.diag([1, 1, 1, 1, 1, 1e-4]) @ rng.standard_normal((6, 6)) for _ in range(10)]
+  tx = kp.scale_by_kl_shampoo(
+    0.9, 0.95, 1e-8, shampoo_beta=0.5, precondition_frequency=2, max_clamp_value=100.0
+  )
+  ours, state = _run(tx, grads)
+  theirs = ref.kl_reference(
+    grads, b1=0.9, b2=0.95, eps=1e-8, beta=0.5, every=2, klsoap=False, cap=100.0,
+    start="eigh", clamp="relative",
+  )  # fmt: skip
+  _assert_close(ours, theirs)
+  left = np.asarray(state.buckets[0].estimator.inverse_roots[0])
+  assert np.max(left) / np.min(left) == pytest.approx(10.0)
 
 
 def test_frobenius_stage_matches_numpy():
