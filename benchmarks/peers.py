@@ -235,12 +235,9 @@ def make_peer(name: str, frequency: int) -> Any:
   p = update_probability(name)
   probability = {} if p is None else {"preconditioner_update_probability": p}
   if name.startswith("psgd_kron"):
-    import optax.transforms._clipping as clipping
+    from benchmarks import psgd_compat  # psgd-jax 0.2.9 vs optax 0.2.8: optax._src.clipping
 
-    sys.modules.setdefault("optax._src.clipping", clipping)  # psgd-jax 0.2.9 vs optax 0.2.8
-    from psgd_jax.kron import kron
-
-    return kron(learning_rate=LEARNING_RATE, **probability)
+    return psgd_compat.import_kron()(learning_rate=LEARNING_RATE, **probability)
   if name.startswith("dk_kron"):
     from distributed_kron import kron
 
