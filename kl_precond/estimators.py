@@ -387,27 +387,38 @@ class KL:
     return jnp.where(mean_square > 0, safe ** (-0.5 / max(factored, 1)), 0)
 
   def first(self, grad: jax.Array, state: KLState) -> KLState:
-    """First gradient: ``F_i = (1-β) (d_i/N) G_(i) G_(i)ᵀ`` with the other factors taken as the
-    identity (``eigenvalue_init="constant"``), or as the isotropic ``a I`` (a data start)."""
-    others = sum(f is not None for f in state.factors) - 1
-    iso = self._isotropic(grad, others + 1) if self.from_data else None
-    factors: list[jax.Array | None] = []
-    for axis, factor in enumerate(state.factors):
-      if factor is None:
-        factors.append(None)
-        continue
-      gram = tensor_ops.mode_gram(grad, axis)
-      if iso is not None:
-        gram = gram * (iso ** (2 * others)).astype(gram.dtype)
-      factors.append(self._fold(factor, gram, grad, axis))
-    return KLState(tuple(factors), state.inverse_roots)
+    """First gradient: ``F_i = (1-β) (d_i/N) G_(i) G_(i)ᵀ`` (other factors taken as identity).
 
-  def _first_roots(self, grad: jax.Array, roots: Scales) -> list[Any]:
-    """The whitening of the first call: ones, or the isotropic fixed point's ``a^(-1/2)``."""
-    if not self.from_data:
-      return [None if r is None else jnp.ones_like(r) for r in roots]
+    With a data start, :meth:`seed` then multiplies it by ``k``, after the first bases are
+    computed from it (see :meth:`_first_fold_scale`)."""
+    factors = tuple(
+      None if f is None else self._fold(f, tensor_ops.mode_gram(grad, axis), grad, axis)
+      for axis, f in enumerate(state.factors)
+    )
+    return KLState(factors, state.inverse_roots)
+
+  def _isotropic_roots(self, grad: jax.Array, roots: Scales) -> list[Any]:
+    """``a^(-1/2)`` on every factored axis: the whitening of an axis with no estimate yet."""
     iso = self._isotropic(grad, sum(r is not None for r in roots))
     return [None if r is None else jnp.full(r.shape, iso, grad.dtype) for r in roots]
+
+  def _first_fold_scale(self, factor: jax.Array, order: int) -> jax.Array:
+    """``k = mean(G₀²)^(-(m-1)/m)``, read from ``tr F_i = (1-β) d_i mean(G₀²)`` of the first
+    call's factor (``m`` factored axes; ``1`` where the trace is zero).
+
+    The first factor, folded with the other axes taken as the identity, times ``k`` is what it
+    would be with them taken as the isotropic fixed point ``a I``, ``a^m = mean(G₀²)``. A data
+    start applies ``k`` after the first bases are computed from the unscaled factor, so that
+    they are the authors' first bases, bit for bit: a rank-deficient first factor's null-space
+    columns are whatever the decomposition's rounding makes them, and a scalar multiple of its
+    input would change them.
+    """
+    dtype = jnp.promote_types(factor.dtype, jnp.float32)
+    mean_square = jnp.trace(factor.astype(dtype)) / (
+      (1 - jnp.asarray(self.beta, dtype)) * factor.shape[0]
+    )
+    safe = jnp.where(mean_square > 0, mean_square, 1)
+    return jnp.where(mean_square > 0, safe ** (-(order - 1) / order), 1)
 
   def _fold(
     self, factor: jax.Array, gram: jax.Array, grad: jax.Array, axis: int, hold: Any = None
@@ -496,12 +507,13 @@ class KL:
     reference does for matrices.
 
     Where the flag ``initial`` (possibly traced) is set, this is :meth:`first` instead (the
-    state must be the initial one, whose bases are the identity): the factors fold the gradient
-    whitened as :meth:`first` does and the eigenvalue estimates are left as they are (the
-    chassis then calls :meth:`seed`). Selecting the whitening scales, not the branch, keeps the
-    projection of ``G`` shared with the direction. With a data start, an axis with no estimate
-    yet (``s = 0``: the first call was skipped by ``first_call="identity"``, or its gradient was
-    zero) whitens the others by the isotropic ``a^(-1/2)`` and takes its target as its estimate.
+    state must be the initial one, whose bases are the identity): the factors fold the raw
+    gradient (no whitening) and the eigenvalue estimates are left as they are (the chassis then
+    calls :meth:`seed`). Selecting the whitening scales, not the branch, keeps the projection of
+    ``G`` shared with the direction. With a data start, the fold at ``step == 1`` first
+    multiplies the factors by :meth:`_first_fold_scale`'s ``k``, and an axis with no estimate
+    yet (``s = 0``: ``first_call="identity"``, or a zero first gradient) whitens the others by
+    the isotropic ``a^(-1/2)`` of the current gradient and takes its target as its estimate.
     Where the traced flag ``hold`` is set, the state comes back unchanged, whatever ``grad``
     holds. ``eigenvalues`` (the basis stage's) is unused: the estimates are this stage's own.
     ``step`` (the chassis' ``t``) sets the rate of ``eigenvalue_init="debiased"``.
@@ -511,21 +523,32 @@ class KL:
     dtype = jnp.promote_types(grad.dtype, jnp.float32)
     grad = grad.astype(dtype)
     roots = [None if r is None else r.astype(dtype) for r in roots]
-    first_roots = self._first_roots(grad, roots)
+    isotropic = self._isotropic_roots(grad, roots) if self.from_data else None
 
     def whitening(scales: list[Any]) -> list[Any]:
       out = []
-      for r, start in zip(scales, first_roots, strict=True):
-        if r is not None and self.from_data:
-          r = jnp.where(jnp.all(r == 0), start, r)
+      for axis, r in enumerate(scales):
+        if r is not None and isotropic is not None:
+          r = jnp.where(jnp.all(r == 0), isotropic[axis], r)
         if r is not None and initial is not None:
-          r = jnp.where(initial, start, r)
+          r = jnp.where(initial, jnp.ones_like(r), r)
         out.append(r)
       return out
 
     projected = tensor_ops.project(grad, bases)
     dampings = self._dampings(roots)
     active = [axis for axis, f in enumerate(factors) if f is not None]
+    if self.from_data and step is not None:
+      # The first fold after the first call multiplies that call's factors by ``k``.
+      first_fold = jnp.asarray(step) == 1
+      for flag in (initial, hold):
+        if flag is not None:
+          first_fold = first_fold & ~flag
+      for axis in active:
+        factor = factors[axis]
+        assert factor is not None
+        scale = jnp.where(first_fold, self._first_fold_scale(factor, len(active)), 1)
+        factors[axis] = (factor * scale.astype(factor.dtype)).astype(factor.dtype)
     if grad.ndim == 3:
       old = list(roots)
       for axis in (2, 1):
@@ -573,27 +596,38 @@ class KL:
       return raw
     return [raw[j] if j == axis else w for j, w in enumerate(whitened)]
 
-  def seed(self, state: KLState, bases: Scales) -> tuple[jax.Array | None, ...]:
+  def seed(self, state: KLState, bases: Scales) -> KLState:
     """The eigenvalue estimates a data start takes from the first call's factors
-    ``F_i = (1-β) Δ_i`` (``Δ_i`` the first whitened statistic) and the first ``bases``:
-    ``ℓ_i = tr(Δ_i)/d_i`` (``"trace"``) or ``diag(Q_iᵀ Δ_i Q_i)`` (``"eigh"``, ``"debiased"``:
-    the first decomposition's eigenvalues), clamped. Returned as ``s_i = ℓ_i^(-1/2)``."""
+    ``F_i = (1-β)(d_i/N) G_(i)G_(i)ᵀ`` and the first ``bases``.
+
+    With ``k`` of :meth:`_first_fold_scale` and ``Δ_i = k F_i/(1-β)`` the first statistic
+    whitened by the isotropic fixed point: ``ℓ_i = tr(Δ_i)/d_i = a`` (``"trace"``) or
+    ``diag(Q_iᵀ Δ_i Q_i)`` (``"eigh"``, ``"debiased"``: the first decomposition's eigenvalues),
+    clamped. The returned factors are ``k F_i``. When the first call is a branch of the refresh
+    switch (``first_call="init_only"``) the chassis keeps only the estimates, and the fold at
+    ``step == 1`` scales the factors instead.
+    """
     if not self.from_data:
-      return state.inverse_roots
+      return state
+    order = sum(f is not None for f in state.factors)
     roots: list[jax.Array | None] = []
+    factors: list[jax.Array | None] = []
     for factor, basis, root in zip(state.factors, bases, state.inverse_roots, strict=True):
       if factor is None or root is None:
         roots.append(root)
+        factors.append(factor)
         continue
       matrix = factor.astype(jnp.promote_types(factor.dtype, jnp.float32))
+      scale = self._first_fold_scale(matrix, order).astype(matrix.dtype)
       if self.eigenvalue_init == "trace" or basis is None:
         values = jnp.full(root.shape, jnp.trace(matrix) / root.shape[0], matrix.dtype)
       else:
         rotation = basis.astype(matrix.dtype)
         values = jnp.sum(rotation * (matrix @ rotation), axis=0)
-      values = jnp.maximum(values, 0) / (1 - jnp.asarray(self.beta, matrix.dtype))
+      values = jnp.maximum(values, 0) * scale / (1 - jnp.asarray(self.beta, matrix.dtype))
       roots.append(self._clamped(values).astype(root.dtype))
-    return tuple(roots)
+      factors.append((matrix * scale).astype(factor.dtype))
+    return KLState(tuple(factors), tuple(roots))
 
   def estimates(self, state: KLState) -> tuple[jax.Array | None, ...]:
     """The part of the state :meth:`seed` sets (the chassis passes only it through the first
@@ -612,8 +646,8 @@ class KL:
     target is at most ``‖G‖² Π_j max(1, max s_j)²``. With the absolute clamp, ``s_j`` (old or
     new) never exceeds the clamp ceiling of its axis, a bound that needs no state; otherwise
     the largest stored ``s_j``, over ``β`` for the new ones an order-3 block whitens with
-    (``ℓ_new ≥ β ℓ_old``). A data start's isotropic whitening (first call, or an axis with no
-    estimate) is ``mean(G²)^(-1/(2m))`` per axis, so its entries are at
+    (``ℓ_new ≥ β ℓ_old``). A data start's isotropic whitening (an axis with no estimate) is
+    ``mean(G²)^(-1/(2m))`` per axis, so its entries are at
     most ``max(N, ‖G‖²)``. ``basis_state`` is unused.
     """
     del basis_state
@@ -673,9 +707,11 @@ def kl(
     first call whitens by the identity. Until the EMA forgets that start (about
     ``ln(init_factor/ℓ_data)/(1-β)`` steps) the step size is set by ``init_factor``, not by the
     gradients: an implicit warm-up whose length depends on the loss's scale.
-  * A data start: the first call whitens by the isotropic fixed point ``S_j = a I`` with
-    ``a^m = mean(G²)`` (exact for isotropic gradients) and ``ℓ_i`` starts at what that first
-    statistic ``Δ_i`` says: ``tr(Δ_i)/d_i = a`` on every direction (``"trace"``), or
+  * A data start: the first statistic is the gradient whitened by the isotropic fixed point
+    ``S_j = a I`` with ``a^m = mean(G²)`` (exact for isotropic gradients), i.e. the authors'
+    first factor times ``a^(-(m-1))`` (applied after the first bases are computed from the
+    authors' factor, so the bases are theirs), and ``ℓ_i`` starts at what that statistic
+    ``Δ_i`` says: ``tr(Δ_i)/d_i = a`` on every direction (``"trace"``), or
     ``diag(Q_iᵀ Δ_i Q_i)``, the first decomposition's eigenvalues (``"eigh"``). ``"debiased"``
     is ``"eigh"`` followed by Adam's bias-corrected EMA, i.e. a zero start with
     ``ℓ̂ = ℓ/(1-β^(t+1))`` where the first call is observation 0: its weight decays as

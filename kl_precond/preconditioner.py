@@ -113,8 +113,7 @@ def _first(
   factors = tensor_ops.after(factors, after)
   basis = jax.vmap(stages.basis.first)(factors, state.basis)
   if _seeds(stages):
-    seeded = jax.vmap(stages.estimator.seed)(estimator, basis.bases)
-    estimator = stages.estimator.with_estimates(estimator, seeded)
+    estimator = jax.vmap(stages.estimator.seed)(estimator, basis.bases)
   scaling = _rotate(
     stages, stages.scaling_for(bucket), estimator, state.scaling, state.basis, basis, None
   )
@@ -248,9 +247,8 @@ def _statistics(
 
   def build(estimator: Any, basis: Any, scaling_state: Any) -> Branch:
     new = jax.vmap(stages.basis.first)(factors(estimator), basis)
-    if seeding:
-      seeded = jax.vmap(stages.estimator.seed)(estimator, new.bases)
-      estimator = stages.estimator.with_estimates(estimator, seeded)
+    if seeding:  # only its estimates leave the branch (see ``estimator.seed``)
+      estimator = jax.vmap(stages.estimator.seed)(estimator, new.bases)
     rotated = _rotate(stages, scaling, estimator, scaling_state, basis, new, None)
     new, rotated = _settle(stages, new, rotated, scaling_state)
     return new, rotated, jnp.zeros((), jnp.int32), estimates(estimator)

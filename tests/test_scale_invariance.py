@@ -26,8 +26,9 @@ import kl_precond as kp
 
 SCALES = (1e-4, 1e-2, 1e2, 1e4)
 STEPS = 45
-# float32 rounding over 45 steps of decompositions: the worst case measured was 2e-6.
-TOLERANCE = 2e-5
+# float32 rounding, amplified by 45 steps of decompositions: measured at most 3e-5 (KL-SOAP at
+# c = 1e-4; KL-Shampoo 5e-6, SOAP 1e-5, Shampoo 7e-7). The planted faults give 5e-2 or more.
+TOLERANCE = 1e-4
 
 
 def _gradients() -> dict[str, np.ndarray]:
