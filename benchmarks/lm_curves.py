@@ -1,27 +1,112 @@
-"""Byte-level LM training curves: AdamW vs Shampoo, SOAP, KL-SOAP and KL-Shampoo.
+"""Byte-level LM training curves: a tuned, multi-seed comparison of AdamW and second-order methods.
 
 Trains the small Flax NNX transformer of ``lm_model`` on Python standard-library source
-(``lm_data``): a short learning-rate sweep per method, then full runs at the chosen rates.
-Writes ``curves.csv``, ``summary.json`` and ``curves.png`` to ``--out_dir``.
+(``lm_data``) with AdamW, Shampoo (Adam grafting), SOAP, KL-SOAP, KL-Shampoo, KL-Shampoo in its
+authors' reference setting (``kl_shampoo_ref``) and, when ``psgd-jax`` imports, PSGD Kron
+(``psgd_kron``). The protocol is the same for every method:
 
-    python -m benchmarks.lm_curves                      # all methods, sweep, default size
-    python -m benchmarks.lm_curves --methods adamw,soap --no_sweep --steps 300
+1. **Tuning, equal budget.** A grid of learning rate × one second hyperparameter per method
+   (``SECOND_AXES``), the same number of trials for every method (checked), each a short run
+   (``tune_steps``, its own warmup-cosine schedule) on one seed (``tune_seed``, by default not
+   one of the final seeds) scored by its validation loss at the end, on validation batches of
+   their own (``TUNING_VAL_SEED``; the reported losses use other ones). The lowest finite loss
+   wins. ``--no_tune`` skips this and uses
+   ``DEFAULT_SETTINGS`` (or ``--lrs`` / ``--hparams``).
+2. **Final runs.** Every method runs its tuned setting on every seed of ``seeds`` (default 3);
+   a seed sets both the model initialisation and the order of the training batches. Runs go
+   seed by seed, every method within a seed, so slow drifts of the machine's load spread over
+   all methods alike.
+3. **Outputs** in ``--out_dir``: ``results.md`` (printed too) with, per method, the tuned
+   hyperparameters, the final validation loss as mean ± std over seeds (sample std, ``ddof=1``),
+   the steps and train seconds needed to reach AdamW's mean final validation loss, and the
+   median step time; ``summary.json`` (everything, per-seed values included); ``curves.csv``
+   (every step of every final run); ``curves.png`` (seed-mean validation curves with ±std bands
+   against steps and against train seconds).
+
+"Steps/seconds to AdamW": the first point where the method's seed-mean validation curve is at
+or below AdamW's mean final validation loss, linearly interpolated between evaluations; the
+seconds are the seed-mean cumulative train-step time (no compile, no evaluation) at that point.
+AdamW itself reaches it at its last step by construction. Per-seed crossings are in the JSON.
+
+Second axes (``SECOND_AXES``; grids in ``DEFAULT_HPARAM_GRIDS``, learning rates in
+``DEFAULT_LR_GRIDS``; 3 rates × 2 values = 6 trials each by default):
+
+* ``adamw``: ``b2``, the second-moment EMA weight.
+* ``shampoo``: ``b2``, the EMA weight of the Kronecker factors (grafting Adam keeps
+  ``graft_b2=0.999``); its grid (0.99, 0.999) includes the method's default.
+* ``soap``, ``kl_soap``: ``b2``, the second-moment EMA weight, which is also the factor (and,
+  for KL-SOAP, the eigenvalue) EMA weight since ``shampoo_beta`` stays None.
+* ``kl_shampoo``, ``kl_shampoo_ref``: ``b2``, the factor and eigenvalue EMA weight.
+* ``psgd_kron``: ``b1``, the momentum (Kron has no second-moment EMA; its preconditioner update
+  probability is held at ``1 / precondition_frequency`` = 0.1 by default, the same average
+  refresh rate as the others' ``precondition_frequency=10``, rather than tuned).
+
+Every method: ``optax.chain(clip_by_global_norm(1.0), <method>)``, warmup-cosine schedule
+(``warmup_fraction`` of the steps, then cosine to a tenth of the peak), decoupled weight decay
+0.01 on every parameter, ``precondition_frequency=10``, ``max_precond_dim=2048``; the kl_precond
+methods keep their other defaults. ``kl_shampoo_ref`` is ``kp.kl_shampoo(...,
+eigenvalue_init="constant", clamp="absolute")``, the KL-Shampoo authors' setting; ``kl_shampoo``
+is the library's default. ``psgd_kron`` is ``psgd_jax.kron.kron`` with the same schedule,
+clipping and weight decay (decoupled, times the learning rate, as in ``optax.adamw``),
+``preconditioner_update_probability=1/precondition_frequency``, its other defaults (whole
+triangular factors up to 8192, diagonal ones for vectors). psgd-jax is imported through
+``psgd_compat`` (an alias for a module optax moved); methods that are not available here (no
+psgd-jax, or a kl_precond without the reference options) are skipped with a message.
+
+The learning rate enters the compiled step as an argument (the schedule is evaluated ahead of
+the run, ``schedule(step - 1)`` as optax counts), so one compiled step per (method, second
+hyperparameter) serves every rate, run length and seed. With the same rates this gives exactly
+the updates of passing the schedule to the optimizer (checked: identical parameters after six
+steps of every method); the vectorised evaluation of the schedule differs from the scalar one
+by float32 rounding only.
+
+Budget of the default preset (``PRESETS["default"]``: 2-layer d128 model, 64-byte context,
+batch 32; 250-step final runs, 50-step tuning runs, 6 trials) on this 2-core CPU, all seven
+methods. Step times measured on the idle machine (2026-12-06, every method's compiled step
+interleaved in 10-step chunks, 59 steps each; ms, median / mean with the refresh steps):
+adamw 90.0 / 93.3, shampoo 104.8 / 125.4, soap 105.6 / 114.8, kl_soap 111.6 / 118.9,
+kl_shampoo 109.0 / 117.4, kl_shampoo_ref 113.6 / 122.2, psgd_kron 96.1 / 103.5; the means sum
+to 795.5 ms for one step of every method. Compiling one train step of each took 59.5 s in all;
+one evaluation (8 batches) 146 ms.
+
+* tuning: 6 trials × 50 steps × 795.5 ms = 239 s
+* final runs: 3 seeds × 250 steps × 795.5 ms = 597 s
+* compiling 14 train steps (7 methods × 2 second-axis values): 2 × 59.5 s = 119 s
+* evaluations: (21 final runs × 10 + 42 tuning runs × 1) × 0.146 s = 37 s
+* fresh models and states for the 63 runs, corpus, imports: about 30 s
+* total ≈ 1022 s ≈ 17 minutes (limit: 20; the margin is for a busier machine).
+
+The earlier default (1,000-step runs, a learning-rate sweep of 3 × 200 steps, one seed) no longer
+fits: 3 seeds of 1,000 steps alone would take 3 × 1000 × 795.5 ms = 40 minutes.
+
+``--preset=long``: a 4-layer d192 model, 3 × the default's steps (final and tuning runs); hours
+on 2 CPU cores. ``--preset=gpu``: the notebook's setting for a Colab GPU runtime (4-layer d256,
+128-byte context, batch 64, 1,000 steps; not timed here).
+
+    python benchmarks/lm_curves.py                                # all methods, default preset
+    python benchmarks/lm_curves.py --methods=adamw,soap --seeds=0,1 --steps=500
+    python benchmarks/lm_curves.py --no_tune --lrs=adamw=3e-3 --hparams=adamw:b2=0.99
+    python benchmarks/lm_curves.py --preset=long
 
 The logic is importable (``ExperimentConfig`` + ``run_experiment``); ``main`` maps flags to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import importlib
+import inspect
+import io
+import itertools
 import json
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
@@ -37,7 +122,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from benchmarks import lm_data, lm_model
+from benchmarks import lm_data, lm_model, psgd_compat
 
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
@@ -62,37 +147,122 @@ def apply_cpu_workarounds() -> None:
 
 apply_cpu_workarounds()
 
-METHODS = ("adamw", "shampoo", "soap", "kl_soap", "kl_shampoo")
-# From 200-step sweeps of the default model (AdamW best at 3e-3, the others at 1e-2).
-DEFAULT_LRS = {"adamw": 3e-3, "shampoo": 1e-2, "soap": 1e-2, "kl_soap": 1e-2, "kl_shampoo": 1e-2}
-DEFAULT_SWEEP_LRS = {m: (1e-3, 3e-3, 1e-2) if m == "adamw" else (3e-3, 1e-2, 3e-2) for m in METHODS}
+METHODS = ("adamw", "shampoo", "soap", "kl_soap", "kl_shampoo", "kl_shampoo_ref", "psgd_kron")
+# The kl_precond function behind each of our methods, and the options it is called with.
+KP_FUNCTIONS = {
+  "shampoo": "shampoo",
+  "soap": "soap",
+  "kl_soap": "kl_soap",
+  "kl_shampoo": "kl_shampoo",
+  "kl_shampoo_ref": "kl_shampoo",
+}
+KP_OPTIONS: dict[str, dict[str, Any]] = {
+  "shampoo": {"grafting_type": "adam"},
+  "kl_shampoo_ref": {"eigenvalue_init": "constant", "clamp": "absolute"},  # the authors' code
+}
+# The second tuned hyperparameter of each method (the first is the learning rate).
+SECOND_AXES = {
+  "adamw": "b2",
+  "shampoo": "b2",
+  "soap": "b2",
+  "kl_soap": "b2",
+  "kl_shampoo": "b2",
+  "kl_shampoo_ref": "b2",
+  "psgd_kron": "b1",
+}
+_SECOND_ORDER_LRS = (3e-3, 1e-2, 3e-2)
+DEFAULT_LR_GRIDS: dict[str, tuple[float, ...]] = {
+  "adamw": (1e-3, 3e-3, 1e-2),
+  **{m: _SECOND_ORDER_LRS for m in ("shampoo", "soap", "kl_soap", "kl_shampoo", "kl_shampoo_ref")},
+  "psgd_kron": (3e-4, 1e-3, 3e-3),
+}
+DEFAULT_HPARAM_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
+  "adamw": ("b2", (0.95, 0.99)),
+  "shampoo": ("b2", (0.99, 0.999)),
+  "soap": ("b2", (0.95, 0.99)),
+  "kl_soap": ("b2", (0.95, 0.99)),
+  "kl_shampoo": ("b2", (0.95, 0.99)),
+  "kl_shampoo_ref": ("b2", (0.95, 0.99)),
+  "psgd_kron": ("b1", (0.9, 0.95)),
+}
+# Settings without tuning (``tune=False``): the rates of earlier sweeps, each method's defaults.
+DEFAULT_SETTINGS: dict[str, dict[str, float]] = {
+  "adamw": {"lr": 3e-3, "b2": 0.95},
+  "shampoo": {"lr": 1e-2, "b2": 0.999},
+  "soap": {"lr": 1e-2, "b2": 0.95},
+  "kl_soap": {"lr": 1e-2, "b2": 0.98},
+  "kl_shampoo": {"lr": 1e-2, "b2": 0.98},
+  "kl_shampoo_ref": {"lr": 1e-2, "b2": 0.98},
+  "psgd_kron": {"lr": 1e-3, "b1": 0.9},
+}
 ADAMW_B1, ADAMW_B2 = 0.9, 0.95
 MAX_PRECOND_DIM = 2048
-CSV_COLUMNS = ("method", "step", "train_loss", "val_loss", "wall_seconds")
+REFERENCE_METHOD = "adamw"
+TUNING_VAL_SEED = 4321  # the tuning runs' validation batches (the final runs': lm_data's 1234)
+CSV_COLUMNS = ("method", "seed", "step", "train_loss", "val_loss", "wall_seconds")
 Batch = tuple[np.ndarray, np.ndarray]
+Setting = dict[str, float]  # {"lr": ..., <second axis>: ...}
 
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-  """Everything that defines one curves experiment (``sweep_lrs`` key ``"*"``: all methods)."""
+  """Everything that defines one curves experiment.
+
+  ``lr_grids`` / ``hparam_grids`` override ``DEFAULT_LR_GRIDS`` / ``DEFAULT_HPARAM_GRIDS`` per
+  method (``lr_grids`` key ``"*"``: every method); ``hparam_grids`` values are
+  ``(name, values)``. ``lrs`` / ``hparams`` override ``DEFAULT_SETTINGS`` when ``tune`` is off.
+  ``kron_update_probability`` None means ``1 / precondition_frequency``.
+  """
 
   model: lm_model.ModelConfig = lm_model.ModelConfig()
   batch_size: int = 32
-  steps: int = 1000
+  steps: int = 250
   methods: tuple[str, ...] = METHODS
-  seed: int = 0
-  sweep: bool = True
-  sweep_steps: int = 200
-  sweep_lrs: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+  seeds: tuple[int, ...] = (0, 1, 2)
+  tune: bool = True
+  tune_steps: int = 50
+  tune_seed: int = 100
+  lr_grids: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+  hparam_grids: dict[str, tuple[str, tuple[float, ...]]] = dataclasses.field(default_factory=dict)
   lrs: dict[str, float] = dataclasses.field(default_factory=dict)
+  hparams: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
   precondition_frequency: int = 10
+  kron_update_probability: float | None = None
   weight_decay: float = 0.01
   warmup_fraction: float = 0.1
-  eval_every: int = 50
+  eval_every: int = 25
   num_val_batches: int = 8
   max_corpus_bytes: int = 4_000_000
   out_dir: str = "outputs/lm_curves"
   progress: bool = True
+
+
+# Presets: ExperimentConfig fields. "long": 3x the default's steps on a larger model (hours on
+# 2 CPU cores); "gpu": the notebook's setting for a Colab GPU runtime.
+PRESETS: dict[str, dict[str, Any]] = {
+  "default": {},
+  "long": dict(
+    model=lm_model.ModelConfig(d_model=192, num_layers=4, num_heads=6),
+    steps=3 * ExperimentConfig.steps,
+    tune_steps=3 * ExperimentConfig.tune_steps,
+    eval_every=50,
+  ),
+  "gpu": dict(
+    model=lm_model.ModelConfig(seq_len=128, d_model=256, num_layers=4, num_heads=8),
+    batch_size=64,
+    steps=1000,
+    tune_steps=200,
+    eval_every=50,
+    max_corpus_bytes=12_000_000,
+  ),
+}
+
+
+def preset_config(name: str = "default", **overrides: Any) -> ExperimentConfig:
+  """The ``ExperimentConfig`` of a preset in ``PRESETS``, with field overrides."""
+  if name not in PRESETS:
+    raise ValueError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
+  return ExperimentConfig(**{**PRESETS[name], **overrides})
 
 
 @dataclasses.dataclass
@@ -100,7 +270,8 @@ class RunResult:
   """Per-step records of one training run (``rows``: step, train_loss, val_loss, wall)."""
 
   method: str
-  lr: float
+  setting: Setting
+  seed: int
   rows: list[dict[str, Any]]
   step_seconds: list[float]
   compile_seconds: float
@@ -112,22 +283,13 @@ class RunResult:
     return vals[-1] if vals else math.nan
 
   @property
-  def median_step_ms(self) -> float:
-    """Median wall time of one compiled train step in milliseconds."""
-    return 1000 * float(np.median(self.step_seconds)) if self.step_seconds else math.nan
+  def diverged(self) -> bool:
+    """Whether the run stopped at a non-finite training loss."""
+    return bool(self.rows) and not math.isfinite(self.rows[-1]["train_loss"])
 
-  def summary(self, sweep: dict[float, float]) -> dict[str, Any]:
-    """The per-method entry of ``summary.json``."""
-    return {
-      "lr": self.lr,
-      "final_val_loss": self.final_val_loss,
-      "median_step_ms": self.median_step_ms,
-      "mean_step_ms": 1000 * float(np.mean(self.step_seconds)),  # with refresh steps
-      "compile_seconds": self.compile_seconds,
-      "train_seconds": float(np.sum(self.step_seconds)),
-      "steps_completed": len(self.step_seconds),
-      "sweep": {f"{lr:g}": loss for lr, loss in sweep.items()},
-    }
+  def evals(self) -> list[dict[str, Any]]:
+    """The rows with a validation loss."""
+    return [r for r in self.rows if r["val_loss"] is not None]
 
 
 def make_schedule(peak_lr: float, steps: int, warmup_fraction: float = 0.1) -> optax.Schedule:
@@ -142,122 +304,318 @@ def make_schedule(peak_lr: float, steps: int, warmup_fraction: float = 0.1) -> o
   )
 
 
+def learning_rates(peak_lr: float, steps: int, warmup_fraction: float = 0.1) -> np.ndarray:
+  """float32 ``[steps]``: the rate of step ``k`` (1-based) at index ``k - 1``, as optax counts."""
+  schedule = make_schedule(peak_lr, steps, warmup_fraction)
+  return np.asarray(jax.vmap(schedule)(jnp.arange(steps)), dtype=np.float32)
+
+
 def kp_function(name: str) -> Callable[..., optax.GradientTransformation] | None:
   """``kl_precond.<name>``, or None while it does not exist; looked up at call time."""
   return getattr(importlib.import_module("kl_precond"), name, None)
 
 
+def unavailable_reason(method: str) -> str | None:
+  """None if ``method`` can be built here, else why not."""
+  if method not in METHODS:
+    return f"unknown method {method!r}"
+  if method == "adamw":
+    return None
+  if method == "psgd_kron":
+    reason = psgd_compat.kron_unavailable()
+    return reason and f"psgd-jax does not import ({reason})"
+  factory = kp_function(KP_FUNCTIONS[method])
+  if factory is None:
+    return f"kl_precond.{KP_FUNCTIONS[method]} does not exist"
+  missing = set(KP_OPTIONS.get(method, {})) - set(inspect.signature(factory).parameters)
+  if missing:
+    return f"kl_precond.{KP_FUNCTIONS[method]} has no option {sorted(missing)} yet"
+  return None
+
+
 def make_optimizer(
   name: str,
-  learning_rate_schedule: optax.ScalarOrSchedule,
-  weight_decay: float,
-  precondition_frequency: int,
+  learning_rate: optax.ScalarOrSchedule,
+  hparams: Mapping[str, float] | None = None,
+  *,
+  weight_decay: float = 0.01,
+  precondition_frequency: int = 10,
+  kron_update_probability: float | None = None,
 ) -> optax.GradientTransformation:
   """``optax.chain(clip_by_global_norm(1.0), <method>)`` for a name in ``METHODS``.
 
-  The kl_precond methods keep their own default ``b1``, ``b2`` and ``eps``.
+  ``hparams`` (e.g. ``{"b2": 0.99}``) are keyword arguments of the method's factory. The
+  kl_precond methods keep their other defaults; ``psgd_kron`` updates its preconditioner with
+  probability ``kron_update_probability`` (None: ``1 / precondition_frequency``).
   """
+  hparams = dict(hparams or {})
+  reason = unavailable_reason(name)
+  if reason:
+    raise ValueError(f"Unknown or unavailable method {name!r}: {reason}.")
   if name == "adamw":
-    base = optax.adamw(learning_rate_schedule, b1=ADAMW_B1, b2=ADAMW_B2, weight_decay=weight_decay)
+    kwargs = {"b1": ADAMW_B1, "b2": ADAMW_B2, "weight_decay": weight_decay, **hparams}
+    base = optax.adamw(learning_rate, **kwargs)
+  elif name == "psgd_kron":
+    p = kron_update_probability or 1 / precondition_frequency
+    kwargs = {"weight_decay": weight_decay, "preconditioner_update_probability": p, **hparams}
+    base = psgd_compat.import_kron()(learning_rate, **kwargs)
   else:
-    factory = kp_function(name)
-    if name not in METHODS or factory is None:
-      raise ValueError(f"Unknown or unavailable method {name!r}.")
-    kwargs: dict[str, Any] = dict(
-      weight_decay=weight_decay,
-      precondition_frequency=precondition_frequency,
-      max_precond_dim=MAX_PRECOND_DIM,
-    )
-    if name == "shampoo":
-      kwargs["grafting_type"] = "adam"
-    base = factory(learning_rate_schedule, **kwargs)
+    kwargs = {
+      "weight_decay": weight_decay,
+      "precondition_frequency": precondition_frequency,
+      "max_precond_dim": MAX_PRECOND_DIM,
+      **KP_OPTIONS.get(name, {}),
+      **hparams,
+    }
+    base = kp_function(KP_FUNCTIONS[name])(learning_rate, **kwargs)
   return optax.chain(optax.clip_by_global_norm(1.0), base)
 
 
-def compile_steps(
-  method: str, lr: float, steps: int, config: ExperimentConfig, example: Batch
-) -> tuple[nnx.State, Any, Any, float]:
-  """Fresh model + optimizer state, AOT-compiled train and eval steps, compile seconds.
+class Trainer:
+  """Compiled steps for one model and batch shape, shared by every run of an experiment.
 
-  The train step donates the state; compiling ahead of time guarantees exactly one compile
-  (a later shape change would raise instead of silently recompiling).
+  The train step takes ``(state, inputs, targets, learning_rate)``, state = (params, optimizer
+  state), and donates the state. One step is compiled ahead of time per (method, hyperparameters
+  other than the rate) and reused for every rate, run length and seed; the eval step (params
+  only) is compiled once.
   """
-  model = lm_model.TransformerLM(config.model, rngs=nnx.Rngs(config.seed))
-  schedule = make_schedule(lr, steps, config.warmup_fraction)
-  tx = make_optimizer(method, schedule, config.weight_decay, config.precondition_frequency)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  graphdef, state = nnx.split((model, optimizer))
-  # Fresh buffers: an optimizer state may share one array between leaves (zero counters),
-  # which donation rejects.
-  state = jax.tree.map(jnp.copy, state)
 
-  def train_step(state: nnx.State, inputs: jax.Array, targets: jax.Array):
-    model, optimizer = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(lm_model.lm_loss)(model, inputs, targets)
-    optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), loss
+  def __init__(self, config: ExperimentConfig, example: Batch):
+    self.config = config
+    self.example = example
+    abstract = nnx.eval_shape(lambda: lm_model.TransformerLM(config.model, rngs=nnx.Rngs(0)))
+    self.graphdef, _ = nnx.split(abstract)
+    self._train: dict[tuple[str, tuple[tuple[str, float], ...]], Any] = {}
+    self.compile_seconds: dict[str, float] = {}  # per method, over all its compiled steps
+    self.eval_fn = None
 
-  def eval_step(state: nnx.State, inputs: jax.Array, targets: jax.Array) -> jax.Array:
-    model, _ = nnx.merge(graphdef, state)
-    return lm_model.lm_loss(model, inputs, targets)
+  def optimizer(self, method: str, learning_rate: Any, hparams: Mapping[str, float]):
+    """The method's optimizer with this experiment's common settings."""
+    return make_optimizer(
+      method,
+      learning_rate,
+      hparams,
+      weight_decay=self.config.weight_decay,
+      precondition_frequency=self.config.precondition_frequency,
+      kron_update_probability=self.config.kron_update_probability,
+    )
 
-  start = time.perf_counter()
-  step_fn = jax.jit(train_step, donate_argnums=0).lower(state, *example).compile()
-  eval_fn = jax.jit(eval_step).lower(state, *example).compile()
-  return state, step_fn, eval_fn, time.perf_counter() - start
+  def init_state(self, method: str, hparams: Mapping[str, float], seed: int) -> Any:
+    """Fresh (params, optimizer state) for a seed; the rate does not enter the state."""
+    params = nnx.state(lm_model.TransformerLM(self.config.model, rngs=nnx.Rngs(seed)))
+    with contextlib.redirect_stdout(io.StringIO()):  # psgd-jax prints its state sizes
+      opt_state = self.optimizer(method, 0.0, hparams).init(params)
+    # Fresh buffers: an optimizer state may share one array between leaves, which donation
+    # rejects.
+    return jax.tree.map(jnp.copy, (params, opt_state))
+
+  def loss(self, params: Any, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-byte cross-entropy of the model with these parameters."""
+    return lm_model.lm_loss(nnx.merge(self.graphdef, params), inputs, targets)
+
+  def compiled(self, method: str, hparams: Mapping[str, float], state: Any) -> tuple[Any, float]:
+    """(train step, seconds spent compiling now: 0 when it was compiled before)."""
+    key = (method, tuple(sorted(hparams.items())))
+    if key in self._train:
+      return self._train[key], 0.0
+
+    def train_step(state: Any, inputs: jax.Array, targets: jax.Array, learning_rate: jax.Array):
+      params, opt_state = state
+      loss, grads = jax.value_and_grad(self.loss)(params, inputs, targets)
+      tx = self.optimizer(method, learning_rate, hparams)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
+
+    start = time.perf_counter()
+    lr = np.float32(0.0)
+    self._train[key] = jax.jit(train_step, donate_argnums=0).lower(state, *self.example, lr)
+    self._train[key] = self._train[key].compile()
+    seconds = time.perf_counter() - start
+    self.compile_seconds[method] = self.compile_seconds.get(method, 0.0) + seconds
+    if self.eval_fn is None:
+      self.eval_fn = jax.jit(self.loss).lower(state[0], *self.example).compile()
+    return self._train[key], seconds
+
+  def val_loss(self, params: Any, val_batches: Sequence[Batch]) -> float:
+    """Mean loss over the fixed validation batches."""
+    return float(np.mean([self.eval_fn(params, *b) for b in val_batches]))
 
 
 def train_run(
+  trainer: Trainer,
   method: str,
-  lr: float,
+  setting: Setting,
   steps: int,
+  seed: int,
   corpus: lm_data.Corpus,
   val_batches: list[Batch],
-  config: ExperimentConfig,
   eval_every: int | None = None,
 ) -> RunResult:
-  """Trains a fresh model; every method sees the same initialisation and batches.
+  """Trains a fresh model; the seed sets the initialisation and the batch order.
 
-  ``wall`` in the rows is cumulative train-step time (no compile, no evaluation). The run
-  stops early if the training loss becomes non-finite.
+  ``setting`` is ``{"lr": peak rate, **other hyperparameters}``. ``wall`` in the rows is
+  cumulative train-step time (no compile, no evaluation). Validation every ``eval_every`` steps
+  (default: the config's) and at the last step. The run stops early if the training loss becomes
+  non-finite.
   """
+  config = trainer.config
   eval_every = eval_every or config.eval_every
-  state, step_fn, eval_fn, compile_seconds = compile_steps(
-    method, lr, steps, config, val_batches[0]
-  )
-  rng = np.random.default_rng(config.seed)
+  hparams = {k: v for k, v in setting.items() if k != "lr"}
+  state = trainer.init_state(method, hparams, seed)
+  step_fn, compile_seconds = trainer.compiled(method, hparams, state)
+  rates = learning_rates(setting["lr"], steps, config.warmup_fraction)
+  rng = np.random.default_rng(seed)
   rows: list[dict[str, Any]] = []
   step_seconds: list[float] = []
+  label = " ".join(f"{k}={v:g}" for k, v in setting.items())
   bar = tqdm(
-    range(1, steps + 1), desc=f"{method} lr={lr:.1e}", disable=not config.progress, mininterval=1
+    range(1, steps + 1),
+    desc=f"{method} {label} seed={seed}",
+    disable=not config.progress,
+    mininterval=1,
   )
   for step in bar:
     batch = lm_data.sample_batch(corpus.train, rng, config.batch_size, config.model.seq_len)
     start = time.perf_counter()
-    state, loss = jax.block_until_ready(step_fn(state, *batch))
+    state, loss = jax.block_until_ready(step_fn(state, *batch, rates[step - 1]))
     step_seconds.append(time.perf_counter() - start)
     train_loss = float(loss)
     diverged = not math.isfinite(train_loss)
     val_loss = None
     if step % eval_every == 0 or step == steps or diverged:
-      val_loss = float(np.mean([eval_fn(state, *b) for b in val_batches]))
+      val_loss = trainer.val_loss(state[0], val_batches)
       bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", refresh=False)
     wall = (rows[-1]["wall"] if rows else 0.0) + step_seconds[-1]
     rows.append(dict(step=step, train_loss=train_loss, val_loss=val_loss, wall=wall))
     if diverged:
       break
   bar.close()
-  return RunResult(method, lr, rows, step_seconds, compile_seconds)
+  return RunResult(method, dict(setting), seed, rows, step_seconds, compile_seconds)
 
 
-def choose_lr(sweep_results: dict[float, float]) -> float:
-  """The rate with the lowest final validation loss (non-finite losses never win)."""
-  finite = {lr: v for lr, v in sweep_results.items() if math.isfinite(v)}
-  return min(finite, key=finite.__getitem__) if finite else min(sweep_results)
+def tuning_grid(method: str, config: ExperimentConfig) -> list[Setting]:
+  """The (learning rate × second hyperparameter) trials of a method."""
+  lrs = config.lr_grids.get(method, config.lr_grids.get("*", DEFAULT_LR_GRIDS[method]))
+  name, values = config.hparam_grids.get(method, DEFAULT_HPARAM_GRIDS[method])
+  return [{"lr": lr, name: value} for lr, value in itertools.product(lrs, values)]
+
+
+def choose_setting(trials: Sequence[tuple[Setting, float]]) -> Setting:
+  """The setting with the lowest validation loss; non-finite losses never win.
+
+  If every trial failed, the smallest learning rate (first trial among equals).
+  """
+  finite = [(setting, loss) for setting, loss in trials if math.isfinite(loss)]
+  if finite:
+    return min(finite, key=lambda t: t[1])[0]
+  return min((setting for setting, _ in trials), key=lambda s: s["lr"])
+
+
+def default_setting(method: str, config: ExperimentConfig) -> Setting:
+  """The untuned setting: ``DEFAULT_SETTINGS`` with ``config.lrs`` / ``config.hparams``."""
+  setting = dict(DEFAULT_SETTINGS[method])
+  if method in config.lrs:
+    setting["lr"] = config.lrs[method]
+  setting.update(config.hparams.get(method, {}))
+  return setting
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (``ddof=1``; 0 for a single value)."""
+  array = np.asarray(values, dtype=np.float64)
+  std = float(np.std(array, ddof=1)) if array.size > 1 else 0.0
+  return float(np.mean(array)), std
+
+
+def seed_curves(runs: Sequence[RunResult]) -> dict[str, np.ndarray]:
+  """Validation curves of a method's seeds on a common step grid.
+
+  Returns ``steps [E]``, ``val [S, E]`` and ``wall [S, E]``; a run that stopped early (diverged)
+  is padded with NaN, so the seed-mean is NaN from there on.
+  """
+  longest = max(runs, key=lambda r: len(r.evals()))
+  steps = np.array([r["step"] for r in longest.evals()], dtype=np.float64)
+  val = np.full((len(runs), steps.size), np.nan)
+  wall = np.full((len(runs), steps.size), np.nan)
+  for i, run in enumerate(runs):
+    by_step = {r["step"]: r for r in run.evals()}
+    for j, step in enumerate(steps):
+      if step in by_step:
+        val[i, j] = by_step[step]["val_loss"]
+        wall[i, j] = by_step[step]["wall"]
+  return {"steps": steps, "val": val, "wall": wall}
+
+
+def first_crossing(x: np.ndarray, y: np.ndarray, target: float) -> float | None:
+  """The first ``x`` at which ``y`` falls to ``target`` (linear between points), else None."""
+  tolerance = 1e-9 * abs(target)
+  for j in range(len(y)):
+    if y[j] <= target + tolerance:
+      if j == 0 or y[j - 1] == y[j]:
+        return float(x[j])
+      fraction = (y[j - 1] - target) / (y[j - 1] - y[j])
+      return float(x[j - 1] + min(max(fraction, 0.0), 1.0) * (x[j] - x[j - 1]))
+  return None
+
+
+def crossing_point(curves: Mapping[str, np.ndarray], val: np.ndarray, target: float):
+  """(steps, seconds) where the validation curve ``val [E]`` reaches target, or (None, None).
+
+  The seconds are the seed-mean wall at the same interpolated position.
+  """
+  steps = curves["steps"]
+  at = first_crossing(np.arange(steps.size, dtype=np.float64), val, target)
+  if at is None:
+    return None, None
+  wall = np.nanmean(curves["wall"], axis=0)
+  lo = int(math.floor(at))
+  hi = min(lo + 1, steps.size - 1)
+  frac = at - lo
+  return (
+    float(steps[lo] + frac * (steps[hi] - steps[lo])),
+    float(wall[lo] + frac * (wall[hi] - wall[lo])),
+  )
+
+
+def method_summary(
+  runs: Sequence[RunResult], trials: Sequence[tuple[Setting, float]], target: float | None
+) -> dict[str, Any]:
+  """The per-method entry of ``summary.json``: tuned setting, per-seed and mean ± std results."""
+  finals = [r.final_val_loss if not r.diverged else math.nan for r in runs]
+  mean, std = mean_std(finals)
+  curves = seed_curves(runs)
+  steps_to, seconds_to, per_seed = None, None, []
+  if target is not None:
+    steps_to, seconds_to = crossing_point(curves, np.mean(curves["val"], axis=0), target)
+    for i in range(len(runs)):
+      one = {"steps": curves["steps"], "wall": curves["wall"][i : i + 1]}
+      per_seed.append(crossing_point(one, curves["val"][i], target)[0])
+  step_seconds = np.concatenate([r.step_seconds for r in runs])
+  return {
+    "setting": dict(runs[0].setting),
+    "seeds": [r.seed for r in runs],
+    "final_val_losses": finals,
+    "final_val_loss_mean": mean,
+    "final_val_loss_std": std,
+    "diverged_seeds": [r.seed for r in runs if r.diverged],
+    "steps_to_target": steps_to,
+    "seconds_to_target": seconds_to,
+    "steps_to_target_per_seed": per_seed,
+    "median_step_ms": 1000 * float(np.median(step_seconds)),
+    "mean_step_ms": 1000 * float(np.mean(step_seconds)),  # with refresh steps
+    "train_seconds_per_seed": [float(np.sum(r.step_seconds)) for r in runs],
+    "tuning": [{**setting, "val_loss": loss} for setting, loss in trials],
+    "mean_curve": {
+      "steps": curves["steps"].tolist(),
+      "val_mean": np.mean(curves["val"], axis=0).tolist(),
+      "val_std": np.std(curves["val"], axis=0, ddof=1 if len(runs) > 1 else 0).tolist(),
+      "wall_mean": np.mean(curves["wall"], axis=0).tolist(),
+    },
+  }
 
 
 def write_csv(results: Sequence[RunResult], path: str) -> None:
-  """One row per (method, step); ``val_loss`` is empty where it was not evaluated."""
+  """One row per (method, seed, step); ``val_loss`` is empty where it was not evaluated."""
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(CSV_COLUMNS)
@@ -265,84 +623,199 @@ def write_csv(results: Sequence[RunResult], path: str) -> None:
       for r in result.rows:
         val = "" if r["val_loss"] is None else f"{r['val_loss']:.6f}"
         writer.writerow(
-          [result.method, r["step"], f"{r['train_loss']:.6f}", val, f"{r['wall']:.4f}"]
+          [
+            result.method,
+            result.seed,
+            r["step"],
+            f"{r['train_loss']:.6f}",
+            val,
+            f"{r['wall']:.6f}",
+          ]
         )
 
 
-def plot_curves(results: Sequence[RunResult], path: str) -> Figure:
-  """Validation loss vs steps (left) and vs train wall-clock seconds (right), saved to path."""
-  fig = Figure(figsize=(11, 4), layout="constrained")
+def method_colour(method: str) -> str:
+  """A fixed colour per method (the same in every plot)."""
+  return f"C{METHODS.index(method) % 10}" if method in METHODS else "k"
+
+
+def format_setting(setting: Mapping[str, float]) -> str:
+  """``lr=3.0e-03, b2=0.95``."""
+  return ", ".join(f"{k}={v:.1e}" if k == "lr" else f"{k}={v:g}" for k, v in setting.items())
+
+
+def plot_curves(summary: Mapping[str, Any], path: str) -> Figure:
+  """Seed-mean validation loss ± std against steps (left) and train seconds (right)."""
+  fig = Figure(figsize=(12, 4.5), layout="constrained")
   FigureCanvasAgg(fig)
   ax_steps, ax_wall = fig.subplots(1, 2, sharey=True)
-  for result in results:
-    evals = [r for r in result.rows if r["val_loss"] is not None]
-    label = f"{result.method} (lr={result.lr:.1e})"
-    ax_steps.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], label=label)
-    ax_wall.plot([r["wall"] for r in evals], [r["val_loss"] for r in evals], label=label)
-  ax_steps.set(xlabel="step", ylabel="validation loss (nats/byte)", title="vs steps")
-  ax_wall.set(xlabel="train wall-clock seconds (excl. compile)", title="vs time")
+  for method, s in summary["methods"].items():
+    curve = s["mean_curve"]
+    steps, wall = np.array(curve["steps"]), np.array(curve["wall_mean"])
+    mean, std = np.array(curve["val_mean"]), np.array(curve["val_std"])
+    colour = method_colour(method)
+    label = f"{method} ({format_setting(s['setting'])})"
+    for ax, x in ((ax_steps, steps), (ax_wall, wall)):
+      ax.plot(x, mean, color=colour, label=label)
+      ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
+  target = summary.get("target")
+  if target:
+    for ax in (ax_steps, ax_wall):
+      ax.axhline(target["val_loss"], color="k", linestyle=":", linewidth=1)
+  seeds = len(summary["config"]["seeds"])
+  ax_steps.set(
+    xlabel="step",
+    ylabel="validation loss (nats/byte)",
+    title=f"vs steps (mean ± std over {seeds} seeds)",
+  )
+  ax_wall.set(xlabel="train wall-clock seconds (seed mean, excl. compile/eval)", title="vs time")
   for ax in (ax_steps, ax_wall):
     ax.grid(alpha=0.3)
-  ax_steps.legend()
+  finite = [v for s in summary["methods"].values() for v in s["mean_curve"]["val_mean"]]
+  finite = [v for v in finite if v is not None and math.isfinite(v)]
+  if finite:  # the early steps (byte-level loss ~5.5) would squash the interesting range
+    low = min(finite)
+    final = [s["final_val_loss_mean"] for s in summary["methods"].values()]
+    high = max([v for v in final if math.isfinite(v)] or [low])
+    ax_steps.set_ylim(low - 0.05, high + 0.6 * (high - low) + 0.3)
+  ax_steps.legend(fontsize=8)
   fig.savefig(path, dpi=120)
   return fig
 
 
-def markdown_table(summary: dict[str, Any]) -> str:
-  """``method | lr | final val loss | median step ms`` as a markdown table."""
-  lines = ["| method | lr | final val loss | median step ms |", "|---|---|---|---|"]
+def _fmt(value: float | None, spec: str, missing: str = "not reached") -> str:
+  return missing if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def markdown_table(summary: Mapping[str, Any]) -> str:
+  """The results table: one row per method (values over the final runs' seeds)."""
+  target = summary.get("target")
+  ref = f"{target['method']}'s {target['val_loss']:.4f}" if target else "n/a"
+  seeds = len(summary["config"]["seeds"])
+  lines = [
+    f"| method | tuned | final val loss (mean ± std, {seeds} seeds) | steps to {ref} "
+    f"| seconds to {ref} | median step ms |",
+    "|---|---|---|---|---|---|",
+  ]
   for method, s in summary["methods"].items():
+    final = f"{s['final_val_loss_mean']:.4f} ± {s['final_val_loss_std']:.4f}"
+    if s["diverged_seeds"]:
+      final += f" (diverged: seeds {s['diverged_seeds']})"
+    missing = "not reached" if target else "n/a"
     lines.append(
-      f"| {method} | {s['lr']:.1e} | {s['final_val_loss']:.4f} | {s['median_step_ms']:.1f} |"
+      f"| {method} | {format_setting(s['setting'])} | {final} "
+      f"| {_fmt(s['steps_to_target'], '.0f', missing)} "
+      f"| {_fmt(s['seconds_to_target'], '.1f', missing)} | {s['median_step_ms']:.1f} |"
     )
   return "\n".join(lines)
 
 
+def tuning_table(summary: Mapping[str, Any]) -> str:
+  """Tuning trials per method (validation loss at the end of each short run; best in bold)."""
+  lines = ["| method | trials: setting → val loss |", "|---|---|"]
+  for method, s in summary["methods"].items():
+    if not s["tuning"]:
+      continue
+    cells = []
+    for trial in s["tuning"]:
+      setting = {k: v for k, v in trial.items() if k != "val_loss"}
+      text = f"{format_setting(setting)} → {trial['val_loss']:.4f}"
+      cells.append(f"**{text}**" if setting == s["setting"] else text)
+    lines.append(f"| {method} | {'; '.join(cells)} |")
+  return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
-  """Sweep (optional), final runs, then CSV/JSON/PNG outputs. Returns the summary dict."""
+  """Tuning (optional), final runs on every seed, then CSV/JSON/markdown/PNG outputs.
+
+  Returns the summary dict (also written to ``summary.json``).
+  """
+  start = time.perf_counter()
   unknown = sorted(set(config.methods) - set(METHODS))
   if unknown:
     raise ValueError(f"Unknown methods {unknown}; choose from {METHODS}.")
-  methods = [m for m in config.methods if m == "adamw" or kp_function(m) is not None]
-  skipped = [m for m in config.methods if m not in methods]
-  for method in skipped:
-    print(f"Skipping {method}: kl_precond.{method} is not available.")
+  if not config.seeds:
+    raise ValueError("At least one seed is needed.")
+  skipped = {m: unavailable_reason(m) for m in config.methods}
+  skipped = {m: reason for m, reason in skipped.items() if reason}
+  for method, reason in skipped.items():
+    print(f"Skipping {method}: {reason}.")
+  methods = [m for m in config.methods if m not in skipped]
+  if not methods:
+    raise ValueError(f"No method of {config.methods} is available here.")
+  grids = {m: tuning_grid(m, config) for m in methods}
+  if config.tune and len({len(g) for g in grids.values()}) > 1:
+    sizes = {m: len(g) for m, g in grids.items()}
+    raise ValueError(f"Every method needs the same number of tuning trials; got {sizes}.")
+  trials_each = len(grids[methods[0]]) if config.tune and methods else 0
+  print(
+    f"Plan: {len(methods)} methods; tuning {trials_each} trials x {config.tune_steps} steps "
+    f"(seed {config.tune_seed}) each; final runs {len(config.seeds)} seeds x {config.steps} "
+    f"steps each; {config.model}, batch {config.batch_size}."
+  )
   corpus = lm_data.load_stdlib_corpus(config.max_corpus_bytes)
   val_batches = lm_data.fixed_batches(
     corpus.val, config.num_val_batches, config.batch_size, config.model.seq_len
   )
-  sweeps: dict[str, dict[float, float]] = {}
-  chosen = {m: config.lrs.get(m, DEFAULT_LRS[m]) for m in methods}
-  if config.sweep:
-    for m in methods:
-      grid = config.sweep_lrs.get(m, config.sweep_lrs.get("*", DEFAULT_SWEEP_LRS[m]))
-      sweeps[m] = {  # evaluated only at the end
-        lr: train_run(
-          m, lr, config.sweep_steps, corpus, val_batches, config, config.sweep_steps
-        ).final_val_loss
-        for lr in grid
-      }
-      chosen[m] = choose_lr(sweeps[m])
-      losses = ", ".join(f"{lr:.1e}: {loss:.4f}" for lr, loss in sweeps[m].items())
-      print(f"{m} sweep (final val loss) {losses} -> lr {chosen[m]:.1e}")
-    print("Chosen learning rates: " + ", ".join(f"{m}={lr:.1e}" for m, lr in chosen.items()))
+  tune_val_batches = lm_data.fixed_batches(
+    corpus.val, config.num_val_batches, config.batch_size, config.model.seq_len, TUNING_VAL_SEED
+  )
+  trainer = Trainer(config, val_batches[0])
+  trials: dict[str, list[tuple[Setting, float]]] = {m: [] for m in methods}
+  chosen: dict[str, Setting] = {}
+  for m in methods:
+    if not config.tune:
+      chosen[m] = default_setting(m, config)
+      continue
+    for setting in grids[m]:
+      run = train_run(
+        trainer, m, setting, config.tune_steps, config.tune_seed, corpus, tune_val_batches,
+        eval_every=config.tune_steps,
+      )  # fmt: skip
+      trials[m].append((setting, run.final_val_loss if not run.diverged else math.nan))
+    chosen[m] = choose_setting(trials[m])
+    losses = "; ".join(f"{format_setting(s)}: {loss:.4f}" for s, loss in trials[m])
+    print(f"{m} tuning (val loss after {config.tune_steps} steps) {losses}")
+    print(f"  -> {format_setting(chosen[m])}")
+  tuning_seconds = time.perf_counter() - start
 
-  results = [train_run(m, chosen[m], config.steps, corpus, val_batches, config) for m in methods]
-  os.makedirs(config.out_dir, exist_ok=True)
-  write_csv(results, os.path.join(config.out_dir, "curves.csv"))
-  plot_curves(results, os.path.join(config.out_dir, "curves.png"))
+  results = [
+    train_run(trainer, m, chosen[m], config.steps, seed, corpus, val_batches)
+    for seed in config.seeds
+    for m in methods
+  ]
+  by_method = {m: [r for r in results if r.method == m] for m in methods}
+  target = None
+  if REFERENCE_METHOD in by_method:
+    reference = mean_std([r.final_val_loss for r in by_method[REFERENCE_METHOD]])[0]
+    if math.isfinite(reference):
+      target = {"method": REFERENCE_METHOD, "val_loss": reference}
+  target_loss = target["val_loss"] if target else None
   summary: dict[str, Any] = {
     "config": dataclasses.asdict(config),
     "backend": jax.default_backend(),
     "num_params": lm_model.count_params(lm_model.TransformerLM(config.model, rngs=nnx.Rngs(0))),
     "corpus": {"train_bytes": int(corpus.train.size), "val_bytes": int(corpus.val.size)},
     "skipped_methods": skipped,
-    "chosen_lrs": chosen,
-    "methods": {r.method: r.summary(sweeps.get(r.method, {})) for r in results},
+    "target": target,
+    "methods": {
+      m: method_summary(by_method[m], trials[m], target_loss) for m in methods if by_method[m]
+    },
+    "wall_seconds": {"tuning": tuning_seconds, "total": time.perf_counter() - start},
   }
+  for m, s in summary["methods"].items():
+    s["compile_seconds"] = trainer.compile_seconds.get(m, 0.0)  # tuning included
+  os.makedirs(config.out_dir, exist_ok=True)
+  write_csv(results, os.path.join(config.out_dir, "curves.csv"))
+  plot_curves(summary, os.path.join(config.out_dir, "curves.png"))
+  report = "\n\n".join(t for t in (markdown_table(summary), tuning_table(summary)) if t)
+  with open(os.path.join(config.out_dir, "results.md"), "w") as f:
+    f.write(report + "\n")
+  summary["wall_seconds"]["total"] = time.perf_counter() - start
   with open(os.path.join(config.out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  print(markdown_table(summary))
+  print(report)
+  print(f"Total wall time {summary['wall_seconds']['total']:.0f} s.")
   return summary
 
 
@@ -356,57 +829,126 @@ def parse_lr_grid(spec: str) -> dict[str, tuple[float, ...]]:
   return {m.strip(): tuple(float(v) for v in values.split("/")) for m, values in items}
 
 
+def parse_hparam_grid(spec: str) -> dict[str, tuple[str, tuple[float, ...]]]:
+  """``"adamw:b2=0.95/0.99,psgd_kron:b1=0.9/0.95"`` -> ``{method: (name, values)}``."""
+  grids = {}
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    method, _, rest = item.partition(":")
+    name, _, values = rest.partition("=")
+    grids[method.strip()] = (name.strip(), tuple(float(v) for v in values.split("/")))
+  return grids
+
+
 def parse_lrs(spec: str) -> dict[str, float]:
   """``"adamw=3e-3,soap=1e-3"`` -> ``{"adamw": 0.003, "soap": 0.001}``."""
   return {m.strip(): float(v) for m, v in (item.split("=") for item in spec.split(",") if item)}
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_integer("steps", 1000, "Training steps of each final run.")
-flags.DEFINE_string("methods", ",".join(METHODS), "Comma-separated methods to compare.")
-flags.DEFINE_string("out_dir", "outputs/lm_curves", "Output directory.")
-flags.DEFINE_integer("seed", 0, "Seed of the model initialisation and the training batches.")
-flags.DEFINE_integer("num_layers", 2, "Transformer blocks.")
-flags.DEFINE_integer("d_model", 128, "Model width.")
-flags.DEFINE_integer("num_heads", 4, "Attention heads.")
-flags.DEFINE_integer("seq_len", 64, "Context length in bytes.")
-flags.DEFINE_integer("batch_size", 32, "Sequences per batch.")
-flags.DEFINE_integer("sweep_steps", 200, "Steps of each learning-rate sweep run.")
-flags.DEFINE_string("sweep_lrs", "", "Sweep grid: '1e-3,3e-3' or 'adamw=1e-3/3e-3,soap=...'.")
-flags.DEFINE_bool("no_sweep", False, "Skip the sweep; use --lrs or the built-in defaults.")
-flags.DEFINE_string("lrs", "", "Rates without a sweep: 'adamw=3e-3,soap=1e-3'.")
-flags.DEFINE_integer("precondition_frequency", 10, "Preconditioner refresh interval (steps).")
-flags.DEFINE_integer("eval_every", 50, "Validation loss every this many steps.")
-flags.DEFINE_integer("num_val_batches", 8, "Fixed validation batches per evaluation.")
-flags.DEFINE_float("weight_decay", 0.01, "Decoupled weight decay of every method.")
-flags.DEFINE_integer("max_corpus_bytes", 4_000_000, "Cap on the corpus size in bytes.")
-flags.DEFINE_bool("progress", True, "Show tqdm progress bars.")
+def parse_hparams(spec: str) -> dict[str, dict[str, float]]:
+  """``"adamw:b2=0.99,psgd_kron:b1=0.95"`` -> ``{"adamw": {"b2": 0.99}, ...}``."""
+  out: dict[str, dict[str, float]] = {}
+  for method, (name, values) in parse_hparam_grid(spec).items():
+    out.setdefault(method, {})[name] = values[0]
+  return out
 
 
-def config_from_flags() -> ExperimentConfig:
-  """An ``ExperimentConfig`` from the parsed absl flags."""
-  return ExperimentConfig(
-    model=lm_model.ModelConfig(
-      seq_len=FLAGS.seq_len,
-      d_model=FLAGS.d_model,
-      num_layers=FLAGS.num_layers,
-      num_heads=FLAGS.num_heads,
-    ),
-    batch_size=FLAGS.batch_size,
-    steps=FLAGS.steps,
-    methods=tuple(m.strip() for m in FLAGS.methods.split(",") if m.strip()),
-    seed=FLAGS.seed,
-    sweep=not FLAGS.no_sweep,
-    sweep_steps=FLAGS.sweep_steps,
-    sweep_lrs=parse_lr_grid(FLAGS.sweep_lrs),
-    lrs=parse_lrs(FLAGS.lrs),
-    precondition_frequency=FLAGS.precondition_frequency,
-    weight_decay=FLAGS.weight_decay,
-    eval_every=FLAGS.eval_every,
-    num_val_batches=FLAGS.num_val_batches,
-    max_corpus_bytes=FLAGS.max_corpus_bytes,
-    out_dir=FLAGS.out_dir,
-    progress=FLAGS.progress,
+def parse_seeds(spec: str) -> tuple[int, ...]:
+  """``"3"`` -> ``(0, 1, 2)``; ``"0,1,2"`` or ``"7,"`` -> those seeds."""
+  if "," not in spec:
+    return tuple(range(int(spec)))
+  return tuple(int(s) for s in spec.split(",") if s.strip())
+
+
+_DEFAULTS = ExperimentConfig()
+# Flags of the experiment's size: None means "the preset's value".
+_SIZE_FLAGS = ("batch_size", "steps", "tune_steps", "eval_every", "num_val_batches")
+_MODEL_FLAGS = ("seq_len", "d_model", "num_layers", "num_heads")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the command-line flags (on ``flag_values``; tests pass a fresh ``FlagValues``)."""
+  fv = {"flag_values": flag_values}
+  flags.DEFINE_enum(
+    "preset", "default", list(PRESETS), "Size preset; the flags below override it.", **fv
+  )
+  flags.DEFINE_string("methods", ",".join(METHODS), "Comma-separated methods to compare.", **fv)
+  flags.DEFINE_string(
+    "seeds", "3", "Final-run seeds: N (seeds 0..N-1) or a list: '0,1,2' ('7,': seed 7).", **fv
+  )
+  flags.DEFINE_integer(
+    "steps", None, f"Steps of each final run (default preset: {_DEFAULTS.steps}).", **fv
+  )
+  flags.DEFINE_bool("no_tune", False, "Skip tuning: --lrs/--hparams or DEFAULT_SETTINGS.", **fv)
+  flags.DEFINE_integer(
+    "tune_steps", None, f"Steps of each tuning run (default preset: {_DEFAULTS.tune_steps}).", **fv
+  )
+  flags.DEFINE_integer("tune_seed", _DEFAULTS.tune_seed, "Seed of the tuning runs.", **fv)
+  flags.DEFINE_string(
+    "lr_grid", "", "Learning rates to tune: '1e-3,3e-3' (all) or 'adamw=1e-3/3e-3,soap=...'.", **fv
+  )
+  flags.DEFINE_string(
+    "hparam_grid",
+    "",
+    "Second axis to tune, per method: 'adamw:b2=0.95/0.99,psgd_kron:b1=0.9/0.95'.",
+    **fv,
+  )
+  flags.DEFINE_string("lrs", "", "Rates without tuning: 'adamw=3e-3,soap=1e-3'.", **fv)
+  flags.DEFINE_string("hparams", "", "Second axis without tuning: 'adamw:b2=0.99'.", **fv)
+  flags.DEFINE_integer("num_layers", None, "Transformer blocks (default preset: 2).", **fv)
+  flags.DEFINE_integer("d_model", None, "Model width (default preset: 128).", **fv)
+  flags.DEFINE_integer("num_heads", None, "Attention heads (default preset: 4).", **fv)
+  flags.DEFINE_integer("seq_len", None, "Context length in bytes (default preset: 64).", **fv)
+  flags.DEFINE_integer("batch_size", None, "Sequences per batch (default preset: 32).", **fv)
+  flags.DEFINE_integer(
+    "precondition_frequency",
+    _DEFAULTS.precondition_frequency,
+    "Preconditioner refresh interval (steps).",
+    **fv,
+  )
+  flags.DEFINE_float(
+    "kron_update_probability",
+    None,
+    "PSGD Kron's preconditioner update probability (default: 1 / precondition_frequency).",
+    **fv,
+  )
+  flags.DEFINE_float("weight_decay", _DEFAULTS.weight_decay, "Decoupled weight decay.", **fv)
+  flags.DEFINE_integer(
+    "eval_every",
+    None,
+    f"Validation every this many steps (default preset: {_DEFAULTS.eval_every}).",
+    **fv,
+  )
+  flags.DEFINE_integer("num_val_batches", None, "Fixed validation batches per evaluation.", **fv)
+  flags.DEFINE_integer("max_corpus_bytes", None, "Cap on the corpus size in bytes.", **fv)
+  flags.DEFINE_string("out_dir", _DEFAULTS.out_dir, "Output directory.", **fv)
+  flags.DEFINE_bool("progress", True, "Show tqdm progress bars.", **fv)
+
+
+def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
+  """An ``ExperimentConfig``: the ``--preset``, then every size flag that was given."""
+  fv = flag_values
+  base = preset_config(fv.preset)
+  model = {name: fv[name].value for name in _MODEL_FLAGS if fv[name].value is not None}
+  sizes = {name: fv[name].value for name in _SIZE_FLAGS if fv[name].value is not None}
+  if fv.max_corpus_bytes is not None:
+    sizes["max_corpus_bytes"] = fv.max_corpus_bytes
+  return dataclasses.replace(
+    base,
+    model=dataclasses.replace(base.model, **model),
+    methods=tuple(m.strip() for m in fv.methods.split(",") if m.strip()),
+    seeds=parse_seeds(fv.seeds),
+    tune=not fv.no_tune,
+    tune_seed=fv.tune_seed,
+    lr_grids=parse_lr_grid(fv.lr_grid),
+    hparam_grids=parse_hparam_grid(fv.hparam_grid),
+    lrs=parse_lrs(fv.lrs),
+    hparams=parse_hparams(fv.hparams),
+    precondition_frequency=fv.precondition_frequency,
+    kron_update_probability=fv.kron_update_probability,
+    weight_decay=fv.weight_decay,
+    out_dir=fv.out_dir,
+    progress=fv.progress,
+    **sizes,
   )
 
 
@@ -419,4 +961,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

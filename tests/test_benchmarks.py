@@ -479,3 +479,187 @@ def test_make_optimizer_variants_are_the_options_they_name(name):
     models.make_optimizer(f"{name}+bogus", 2, 64)
   with pytest.raises(LookupError, match="variant"):
     models.make_optimizer("soap+kl", 2, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The main job, benchmarks/lm_curves.py: its bookkeeping, without training (the entry point
+# itself runs in tests/test_notebooks.py::test_lm_curves_main_tiny).
+# ---------------------------------------------------------------------------------------------
+
+
+def _lm_run(method: str, seed: int, vals: list[float], lr: float = 1e-2, diverge: bool = False):
+  """A fake ``lm_curves.RunResult``: validation every 10 steps, 5 ms per step."""
+  from benchmarks import lm_curves
+
+  rows = []
+  for step in range(1, 10 * len(vals) + 1):
+    val = vals[step // 10 - 1] if step % 10 == 0 else None
+    train = math.nan if diverge and step == 10 * len(vals) else 2.0
+    rows.append(dict(step=step, train_loss=train, val_loss=val, wall=0.005 * step))
+  setting = {"lr": lr, "b2": 0.95}
+  return lm_curves.RunResult(method, setting, seed, rows, [0.005] * len(rows), 1.0)
+
+
+def test_lm_curves_table_rows_are_seed_means_and_crossings():
+  """One row per method; mean ± std (sample std) from the per-seed final losses; steps and
+  seconds to AdamW's mean final loss on the seed-mean curve, interpolated; "not reached"."""
+  import statistics
+
+  from benchmarks import lm_curves
+
+  runs = {
+    "adamw": [_lm_run("adamw", 0, [3.0, 2.0, 1.6]), _lm_run("adamw", 1, [3.0, 2.2, 1.8])],
+    "soap": [_lm_run("soap", 0, [2.5, 1.5, 1.2]), _lm_run("soap", 1, [2.7, 1.7, 1.4])],
+    "kl_soap": [_lm_run("kl_soap", 0, [3.5, 3.0, 2.9]), _lm_run("kl_soap", 1, [3.4, 3.1, 2.8])],
+  }
+  target = statistics.mean([1.6, 1.8])
+  summary = {
+    "config": {"seeds": [0, 1]},
+    "target": {"method": "adamw", "val_loss": target},
+    "methods": {m: lm_curves.method_summary(r, [], target) for m, r in runs.items()},
+  }
+  for method, method_runs in runs.items():
+    s = summary["methods"][method]
+    finals = [r.evals()[-1]["val_loss"] for r in method_runs]
+    assert s["final_val_losses"] == finals
+    assert s["final_val_loss_mean"] == pytest.approx(statistics.mean(finals))
+    assert s["final_val_loss_std"] == pytest.approx(statistics.stdev(finals))
+    assert s["median_step_ms"] == pytest.approx(5.0)
+  adamw, soap, kl_soap = (summary["methods"][m] for m in ("adamw", "soap", "kl_soap"))
+  assert adamw["steps_to_target"] == pytest.approx(30)
+  assert adamw["seconds_to_target"] == pytest.approx(0.15)
+  # SOAP's mean curve 2.6, 1.6, 1.3 crosses 1.7 a tenth of the way from step 20 back to 10.
+  assert soap["steps_to_target"] == pytest.approx(19)
+  assert soap["seconds_to_target"] == pytest.approx(0.095)
+  # Seed 0 (2.5, 1.5) crosses at 18; seed 1 reaches 1.7 exactly at step 20.
+  assert soap["steps_to_target_per_seed"] == pytest.approx([18, 20])
+  assert kl_soap["steps_to_target"] is None and kl_soap["steps_to_target_per_seed"] == [None] * 2
+  table = lm_curves.markdown_table(summary).splitlines()
+  assert len(table) == 2 + 3
+  for line, method in zip(table[2:], runs, strict=True):
+    s = summary["methods"][method]
+    assert line.startswith(f"| {method} | lr=1.0e-02, b2=0.95 |")
+    assert f"| {s['final_val_loss_mean']:.4f} ± {s['final_val_loss_std']:.4f} |" in line
+  assert f"| 19 | {0.095:.1f} |" in table[3] and "| not reached | not reached |" in table[4]
+
+
+def test_lm_curves_diverged_seed_makes_the_mean_nan():
+  from benchmarks import lm_curves
+
+  runs = [_lm_run("soap", 0, [2.0, 1.5]), _lm_run("soap", 1, [2.0, math.nan], diverge=True)]
+  s = lm_curves.method_summary(runs, [], None)
+  assert s["diverged_seeds"] == [1] and math.isnan(s["final_val_loss_mean"])
+  assert "diverged" in lm_curves.markdown_table(
+    {"config": {"seeds": [0, 1]}, "methods": {"soap": s}}
+  )
+
+
+def test_lm_curves_tuning_picks_the_argmin_of_an_equal_grid():
+  from benchmarks import lm_curves
+
+  trials = [({"lr": 1e-3, "b2": 0.95}, 2.0), ({"lr": 1e-2, "b2": 0.99}, 1.5)]
+  trials += [({"lr": 3e-2, "b2": 0.95}, math.nan), ({"lr": 1e-2, "b2": 0.95}, 1.7)]
+  assert lm_curves.choose_setting(trials) == {"lr": 1e-2, "b2": 0.99}
+  failed = [({"lr": 1e-2, "b2": 0.9}, math.inf), ({"lr": 1e-3, "b2": 0.9}, math.nan)]
+  assert lm_curves.choose_setting(failed) == {"lr": 1e-3, "b2": 0.9}
+  config = lm_curves.ExperimentConfig()
+  grids = {m: lm_curves.tuning_grid(m, config) for m in lm_curves.METHODS}
+  assert len({len(g) for g in grids.values()}) == 1 and len(grids["adamw"]) == 6
+  for method, grid in grids.items():
+    assert {tuple(s) for s in grid} == {("lr", lm_curves.SECOND_AXES[method])}
+  assert grids["psgd_kron"][0] == {"lr": 3e-4, "b1": 0.9}
+  unequal = lm_curves.ExperimentConfig(
+    methods=("adamw", "soap"), lr_grids={"adamw": (1e-3,)}, out_dir="/nonexistent"
+  )
+  with pytest.raises(ValueError, match="same number of tuning trials"):
+    lm_curves.run_experiment(unequal)
+
+
+def test_lm_curves_flags_presets_and_seeds():
+  """``--preset`` sets the sizes, explicit flags override them; ``--seeds`` N or a list."""
+  from absl import flags
+
+  from benchmarks import lm_curves
+
+  def parse(*argv):
+    flag_values = flags.FlagValues()
+    lm_curves.define_flags(flag_values)
+    flag_values(["lm_curves", *argv])
+    return lm_curves.config_from_flags(flag_values)
+
+  default, long = parse(), parse("--preset=long")
+  assert default == lm_curves.preset_config("default") and default.seeds == (0, 1, 2)
+  assert long.steps >= 3 * default.steps and long.tune_steps > default.tune_steps
+  assert long.model.num_layers > default.model.num_layers
+  assert long.model.d_model > default.model.d_model
+  custom = parse("--preset=long", "--steps=7", "--d_model=96", "--seeds=0,5", "--no_tune")
+  assert (custom.steps, custom.model.d_model, custom.model.num_layers) == (7, 96, 4)
+  assert custom.seeds == (0, 5) and not custom.tune and custom.tune_steps == long.tune_steps
+  assert lm_curves.parse_seeds("7,") == (7,) and lm_curves.parse_seeds("1") == (0,)
+  grid = parse("--hparam_grid=psgd_kron:preconditioner_lr=0.05/0.1", "--lr_grid=adamw=1e-3/2e-3")
+  assert grid.hparam_grids == {"psgd_kron": ("preconditioner_lr", (0.05, 0.1))}
+  assert lm_curves.tuning_grid("adamw", grid) == [
+    {"lr": lr, "b2": b2} for lr in (1e-3, 2e-3) for b2 in (0.95, 0.99)
+  ]
+  assert "gpu" in lm_curves.PRESETS
+
+
+def test_lm_curves_kl_shampoo_ref_is_the_authors_setting(monkeypatch):
+  """``kl_shampoo_ref`` passes ``eigenvalue_init="constant", clamp="absolute"``; it is skipped
+  while ``kp.kl_shampoo`` has no such options."""
+  from benchmarks import lm_curves
+
+  calls = []
+
+  def fake_kl_shampoo(learning_rate, *, eigenvalue_init="eigh", clamp="relative", **kwargs):
+    calls.append(dict(eigenvalue_init=eigenvalue_init, clamp=clamp, **kwargs))
+    return kp.soap(learning_rate)
+
+  monkeypatch.setattr(kp, "kl_shampoo", fake_kl_shampoo)
+  lm_curves.make_optimizer("kl_shampoo_ref", 1e-3, {"b2": 0.99})
+  lm_curves.make_optimizer("kl_shampoo", 1e-3, {"b2": 0.99})
+  ref, default = calls
+  assert (ref["eigenvalue_init"], ref["clamp"], ref["b2"]) == ("constant", "absolute", 0.99)
+  assert (default["eigenvalue_init"], default["clamp"]) == ("eigh", "relative")
+  assert ref["precondition_frequency"] == 10 and ref["weight_decay"] == 0.01
+
+  monkeypatch.setattr(kp, "kl_shampoo", lambda learning_rate, **kwargs: None)
+  assert "eigenvalue_init" in lm_curves.unavailable_reason("kl_shampoo_ref")
+  assert lm_curves.unavailable_reason("kl_shampoo") is None
+
+
+def test_lm_curves_psgd_kron_settings(monkeypatch):
+  """Kron gets the common weight decay and update probability 1 / precondition_frequency."""
+  import optax
+
+  from benchmarks import lm_curves, psgd_compat
+
+  calls = []
+
+  def fake_kron(learning_rate, **kwargs):
+    calls.append(kwargs)
+    return optax.identity()
+
+  monkeypatch.setattr(psgd_compat, "import_kron", lambda: fake_kron)
+  monkeypatch.setattr(psgd_compat, "kron_unavailable", lambda: None)
+  lm_curves.make_optimizer("psgd_kron", 1e-3, {"b1": 0.95}, weight_decay=0.02)
+  lm_curves.make_optimizer("psgd_kron", 1e-3, precondition_frequency=4)
+  assert calls[0] == dict(weight_decay=0.02, preconditioner_update_probability=0.1, b1=0.95)
+  assert calls[1]["preconditioner_update_probability"] == 0.25
+
+
+def test_lm_curves_psgd_kron_imports_on_this_optax():
+  """psgd-jax 0.2.9 imports ``optax._src.clipping``; the shim makes it import unchanged."""
+  import importlib.util
+
+  from benchmarks import lm_curves, psgd_compat
+
+  if importlib.util.find_spec("psgd_jax") is None:
+    pytest.skip("psgd-jax is not installed")
+  assert psgd_compat.kron_unavailable() is None
+  assert lm_curves.unavailable_reason("psgd_kron") is None
+  import jax.numpy as jnp
+
+  tx = lm_curves.make_optimizer("psgd_kron", 1e-3, {"b1": 0.9})
+  state = tx.init({"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))})
+  assert "Qs_preconditioners" in state[1][0]  # clip_by_global_norm, then kron's own state
