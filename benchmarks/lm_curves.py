@@ -10,8 +10,8 @@ authors' reference setting (``kl_shampoo_ref``) and, when ``psgd-jax`` imports, 
    (``tune_steps``, its own warmup-cosine schedule) on one seed (``tune_seed``, by default not
    one of the final seeds) scored by its validation loss at the end, on validation batches of
    their own (``TUNING_VAL_SEED``; the reported losses use other ones). The lowest finite loss
-   wins. ``--no_tune`` skips this and uses
-   ``DEFAULT_SETTINGS`` (or ``--lrs`` / ``--hparams``).
+   wins; a rate at the edge of its grid is flagged in the table. ``--no_tune`` skips this and
+   uses ``DEFAULT_SETTINGS`` (or ``--lrs`` / ``--hparams``).
 2. **Final runs.** Every method runs its tuned setting on every seed of ``seeds`` (default 3);
    a seed sets both the model initialisation and the order of the training batches. Runs go
    seed by seed, every method within a seed, so slow drifts of the machine's load spread over
@@ -37,9 +37,17 @@ Second axes (``SECOND_AXES``; grids in ``DEFAULT_HPARAM_GRIDS``, learning rates 
 * ``soap``, ``kl_soap``: ``b2``, the second-moment EMA weight, which is also the factor (and,
   for KL-SOAP, the eigenvalue) EMA weight since ``shampoo_beta`` stays None.
 * ``kl_shampoo``, ``kl_shampoo_ref``: ``b2``, the factor and eigenvalue EMA weight.
-* ``psgd_kron``: ``b1``, the momentum (Kron has no second-moment EMA; its preconditioner update
-  probability is held at ``1 / precondition_frequency`` = 0.1 by default, the same average
-  refresh rate as the others' ``precondition_frequency=10``, rather than tuned).
+* ``psgd_kron``: ``preconditioner_init_scale`` (10, 30), the scale of its initial
+  preconditioner. Its update probability is not tuned: it is held at
+  ``1 / precondition_frequency`` = 0.1, the same average refresh rate as the others'
+  ``precondition_frequency=10``. At that rate the initial preconditioner lasts: with psgd-jax
+  0.2.9's default scale 1, Kron starts as plain SGD on these clipped gradients (typical entry
+  ~1e-3) and needed a rate of 0.1 or more to get anywhere in a 50-step tuning run (val loss 3.20
+  at 0.1, still falling with the rate; AdamW 2.83 at 3e-3). A scale near ``|g|^(-1/2)`` (~30;
+  later PSGD versions set it from the first gradient) makes the first updates Adam-sized: the
+  best of rates 3e-4..1e-2 gave 3.05 (scale 10, lr 1e-2), 2.99 (30, 1e-3), 3.13 (100, 3e-4)
+  (2026-12-07), so the grid is (10, 30) × (1e-3, 3e-3, 1e-2).
+  (``b1``, the momentum, was the other candidate; it matters less here.)
 
 Every method: ``optax.chain(clip_by_global_norm(1.0), <method>)``, warmup-cosine schedule
 (``warmup_fraction`` of the steps, then cosine to a tenth of the peak), decoupled weight decay
@@ -62,7 +70,7 @@ by float32 rounding only.
 
 Budget of the default preset (``PRESETS["default"]``: 2-layer d128 model, 64-byte context,
 batch 32; 250-step final runs, 50-step tuning runs, 6 trials) on this 2-core CPU, all seven
-methods. Step times measured on the idle machine (2026-12-06, every method's compiled step
+methods. Step times measured on the idle machine (2026-12-07, every method's compiled step
 interleaved in 10-step chunks, 59 steps each; ms, median / mean with the refresh steps):
 adamw 90.0 / 93.3, shampoo 104.8 / 125.4, soap 105.6 / 114.8, kl_soap 111.6 / 118.9,
 kl_shampoo 109.0 / 117.4, kl_shampoo_ref 113.6 / 122.2, psgd_kron 96.1 / 103.5; the means sum
@@ -168,13 +176,13 @@ SECOND_AXES = {
   "kl_soap": "b2",
   "kl_shampoo": "b2",
   "kl_shampoo_ref": "b2",
-  "psgd_kron": "b1",
+  "psgd_kron": "preconditioner_init_scale",
 }
 _SECOND_ORDER_LRS = (3e-3, 1e-2, 3e-2)
 DEFAULT_LR_GRIDS: dict[str, tuple[float, ...]] = {
   "adamw": (1e-3, 3e-3, 1e-2),
   **{m: _SECOND_ORDER_LRS for m in ("shampoo", "soap", "kl_soap", "kl_shampoo", "kl_shampoo_ref")},
-  "psgd_kron": (3e-4, 1e-3, 3e-3),
+  "psgd_kron": (1e-3, 3e-3, 1e-2),
 }
 DEFAULT_HPARAM_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
   "adamw": ("b2", (0.95, 0.99)),
@@ -183,7 +191,7 @@ DEFAULT_HPARAM_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
   "kl_soap": ("b2", (0.95, 0.99)),
   "kl_shampoo": ("b2", (0.95, 0.99)),
   "kl_shampoo_ref": ("b2", (0.95, 0.99)),
-  "psgd_kron": ("b1", (0.9, 0.95)),
+  "psgd_kron": ("preconditioner_init_scale", (10.0, 30.0)),
 }
 # Settings without tuning (``tune=False``): the rates of earlier sweeps, each method's defaults.
 DEFAULT_SETTINGS: dict[str, dict[str, float]] = {
@@ -193,7 +201,7 @@ DEFAULT_SETTINGS: dict[str, dict[str, float]] = {
   "kl_soap": {"lr": 1e-2, "b2": 0.98},
   "kl_shampoo": {"lr": 1e-2, "b2": 0.98},
   "kl_shampoo_ref": {"lr": 1e-2, "b2": 0.98},
-  "psgd_kron": {"lr": 1e-3, "b1": 0.9},
+  "psgd_kron": {"lr": 1e-3, "preconditioner_init_scale": 30.0},
 }
 ADAMW_B1, ADAMW_B2 = 0.9, 0.95
 MAX_PRECOND_DIM = 2048
@@ -605,6 +613,7 @@ def method_summary(
     "mean_step_ms": 1000 * float(np.mean(step_seconds)),  # with refresh steps
     "train_seconds_per_seed": [float(np.sum(r.step_seconds)) for r in runs],
     "tuning": [{**setting, "val_loss": loss} for setting, loss in trials],
+    "lr_at_grid_edge": lr_at_grid_edge(runs[0].setting["lr"], trials),
     "mean_curve": {
       "steps": curves["steps"].tolist(),
       "val_mean": np.mean(curves["val"], axis=0).tolist(),
@@ -612,6 +621,13 @@ def method_summary(
       "wall_mean": np.mean(curves["wall"], axis=0).tolist(),
     },
   }
+
+
+def lr_at_grid_edge(lr: float, trials: Sequence[tuple[Setting, float]]) -> bool:
+  """Whether ``lr`` is the smallest or largest of several rates tried (the optimum may be
+  outside the grid)."""
+  rates = {setting["lr"] for setting, _ in trials}
+  return len(rates) > 1 and lr in (min(rates), max(rates))
 
 
 def write_csv(results: Sequence[RunResult], path: str) -> None:
@@ -702,8 +718,9 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     if s["diverged_seeds"]:
       final += f" (diverged: seeds {s['diverged_seeds']})"
     missing = "not reached" if target else "n/a"
+    edge = " (lr at grid edge)" if s.get("lr_at_grid_edge") else ""
     lines.append(
-      f"| {method} | {format_setting(s['setting'])} | {final} "
+      f"| {method} | {format_setting(s['setting'])}{edge} | {final} "
       f"| {_fmt(s['steps_to_target'], '.0f', missing)} "
       f"| {_fmt(s['seconds_to_target'], '.1f', missing)} | {s['median_step_ms']:.1f} |"
     )

@@ -560,6 +560,8 @@ def test_lm_curves_tuning_picks_the_argmin_of_an_equal_grid():
   trials = [({"lr": 1e-3, "b2": 0.95}, 2.0), ({"lr": 1e-2, "b2": 0.99}, 1.5)]
   trials += [({"lr": 3e-2, "b2": 0.95}, math.nan), ({"lr": 1e-2, "b2": 0.95}, 1.7)]
   assert lm_curves.choose_setting(trials) == {"lr": 1e-2, "b2": 0.99}
+  assert not lm_curves.lr_at_grid_edge(1e-2, trials)  # flagged in the table when it is
+  assert lm_curves.lr_at_grid_edge(3e-2, trials) and lm_curves.lr_at_grid_edge(1e-3, trials)
   failed = [({"lr": 1e-2, "b2": 0.9}, math.inf), ({"lr": 1e-3, "b2": 0.9}, math.nan)]
   assert lm_curves.choose_setting(failed) == {"lr": 1e-3, "b2": 0.9}
   config = lm_curves.ExperimentConfig()
@@ -567,7 +569,7 @@ def test_lm_curves_tuning_picks_the_argmin_of_an_equal_grid():
   assert len({len(g) for g in grids.values()}) == 1 and len(grids["adamw"]) == 6
   for method, grid in grids.items():
     assert {tuple(s) for s in grid} == {("lr", lm_curves.SECOND_AXES[method])}
-  assert grids["psgd_kron"][0] == {"lr": 3e-4, "b1": 0.9}
+  assert grids["psgd_kron"][0] == {"lr": 1e-3, "preconditioner_init_scale": 10.0}
   unequal = lm_curves.ExperimentConfig(
     methods=("adamw", "soap"), lr_grids={"adamw": (1e-3,)}, out_dir="/nonexistent"
   )

@@ -103,7 +103,7 @@ def test_lm_curves_main_tiny(tmp_path):
   assert adamw["median_step_ms"] > 0
   row = next(line for line in proc.stdout.splitlines() if line.startswith("| adamw |"))
   mean, std = adamw["final_val_loss_mean"], adamw["final_val_loss_std"]
-  assert f"{mean:.4f} ± {std:.4f}" in row
+  assert f"{mean:.4f} ± {std:.4f}" in row and "(lr at grid edge)" in row  # 2 rates: an edge
   assert row in (out_dir / "results.md").read_text()
 
 
