@@ -116,7 +116,16 @@ def test_each_part_of_the_authors_setting_breaks_invariance(settings):
   assert _relative_difference("kl_shampoo", settings, 1e-4) > 0.05
 
 
-def test_the_data_starts_without_clamping_are_invariant_too():
-  for start in ("trace", "eigh", "debiased"):
-    settings = {"eigenvalue_init": start, "max_clamp_value": None}
-    assert _relative_difference("kl_shampoo", settings, 1e-4) <= TOLERANCE, start
+@pytest.mark.slow
+@pytest.mark.parametrize("start", ["trace", "eigh", "debiased"])
+def test_the_data_starts_without_clamping_are_invariant_too(start):
+  settings = {"eigenvalue_init": start, "max_clamp_value": None}
+  assert _relative_difference("kl_shampoo", settings, 1e-4) <= TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start", ["trace", "debiased"])
+def test_the_other_data_starts_are_invariant_under_the_relative_clamp(start):
+  settings = {"eigenvalue_init": start, "clamp": "relative"}
+  for c in (1e-4, 1e4):
+    assert _relative_difference("kl_soap", settings, c) <= TOLERANCE, c
