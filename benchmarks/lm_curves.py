@@ -37,7 +37,7 @@ Second axes (``SECOND_AXES``; grids in ``DEFAULT_HPARAM_GRIDS``, learning rates 
 * ``soap``, ``kl_soap``: ``b2``, the second-moment EMA weight, which is also the factor (and,
   for KL-SOAP, the eigenvalue) EMA weight since ``shampoo_beta`` stays None.
 * ``kl_shampoo``, ``kl_shampoo_ref``: ``b2``, the factor and eigenvalue EMA weight.
-* ``psgd_kron``: ``preconditioner_init_scale`` (10, 30), the scale of its initial
+* ``psgd_kron``: ``preconditioner_init_scale`` (30, 100), the scale of its initial
   preconditioner. Its update probability is not tuned: it is held at
   ``1 / precondition_frequency`` = 0.1, the same average refresh rate as the others'
   ``precondition_frequency=10``. At that rate the initial preconditioner lasts: with psgd-jax
@@ -46,8 +46,14 @@ Second axes (``SECOND_AXES``; grids in ``DEFAULT_HPARAM_GRIDS``, learning rates 
   at 0.1, still falling with the rate; AdamW 2.83 at 3e-3). A scale near ``|g|^(-1/2)`` (~30;
   later PSGD versions set it from the first gradient) makes the first updates Adam-sized: the
   best of rates 3e-4..1e-2 gave 3.05 (scale 10, lr 1e-2), 2.99 (30, 1e-3), 3.13 (100, 3e-4)
-  (2026-12-07), so the grid is (10, 30) × (1e-3, 3e-3, 1e-2).
-  (``b1``, the momentum, was the other candidate; it matters less here.)
+  (50-step runs, 2026-12-07). (``b1``, the momentum, was the other candidate; it matters less
+  here.) The scale only enters Kron's initial state, so its two values share one compiled step.
+
+The rate grids are ×√10 apart and centred, for every method alike, on the method's best rate in
+the tuning of one full default run (f897f71, 50-step trials; it used one grid for the five
+kl_precond methods, (3e-3, 1e-2, 3e-2), and AdamW's, PSGD's own; five of the seven picks fell
+on a grid edge): AdamW 1e-3, Shampoo 3e-3, SOAP 1e-2, KL-SOAP 3e-3, KL-Shampoo 1e-2,
+KL-Shampoo (reference) 3e-2, PSGD Kron 1e-3 (scale 30).
 
 Every method: ``optax.chain(clip_by_global_norm(1.0), <method>)``, warmup-cosine schedule
 (``warmup_fraction`` of the steps, then cosine to a tenth of the peak), decoupled weight decay
@@ -69,27 +75,29 @@ steps of every method); the vectorised evaluation of the schedule differs from t
 by float32 rounding only.
 
 Budget of the default preset (``PRESETS["default"]``: 2-layer d128 model, 64-byte context,
-batch 32; 250-step final runs, 50-step tuning runs, 6 trials) on this 2-core CPU, all seven
-methods. Step times measured on the idle machine (2026-12-07, every method's compiled step
-interleaved in 10-step chunks, 59 steps each; ms, median / mean with the refresh steps):
-adamw 90.0 / 93.3, shampoo 104.8 / 125.4, soap 105.6 / 114.8, kl_soap 111.6 / 118.9,
-kl_shampoo 109.0 / 117.4, kl_shampoo_ref 113.6 / 122.2, psgd_kron 96.1 / 103.5; the means sum
-to 795.5 ms for one step of every method. Compiling one train step of each took 59.5 s in all;
-one evaluation (8 batches) 146 ms.
+batch 32; 225-step final runs, 40-step tuning runs, 6 trials) on this 2-core CPU, all seven
+methods. Mean step times (refresh steps included) of a full default run at f897f71 (250-step
+final runs, 50-step tuning runs; 2026-12-07, 1182 s in ``run_experiment``, too close to the
+limit, hence the shorter runs now), ms: adamw 96.8, shampoo 140.6, soap 130.2, kl_soap 133.3,
+kl_shampoo 127.5, kl_shampoo_ref 129.2, psgd_kron 120.0; 877.6 ms for one step of every method.
+Compiling took 156 s (14 train steps; Shampoo's 23 s each, AdamW's 4 s); an evaluation (8
+batches) 0.15-0.2 s; each run also spends ~1 s outside its steps (fresh state, first call).
 
-* tuning: 6 trials × 50 steps × 795.5 ms = 239 s
-* final runs: 3 seeds × 250 steps × 795.5 ms = 597 s
-* compiling 14 train steps (7 methods × 2 second-axis values): 2 × 59.5 s = 119 s
-* evaluations: (21 final runs × 10 + 42 tuning runs × 1) × 0.146 s = 37 s
-* fresh models and states for the 63 runs, corpus, imports: about 30 s
-* total ≈ 1022 s ≈ 17 minutes (limit: 20; the margin is for a busier machine).
+* tuning: 6 trials × 40 steps × 877.6 ms = 211 s
+* final runs: 3 seeds × 225 steps × 877.6 ms = 592 s
+* compiling 13 train steps (Kron's two scales share one): ≈ 144 s
+* evaluations: (21 final runs × 9 + 42 tuning runs × 1) × 0.15-0.2 s ≈ 40 s
+* 63 runs × ~1 s outside their steps, corpus, imports: ≈ 70 s
+* total ≈ 1057 s ≈ 17.6 minutes (limit: 20). Interleaved probes of every method's step on the
+  idle machine gave 795 and 871 ms for one step of each.
 
 The earlier default (1,000-step runs, a learning-rate sweep of 3 × 200 steps, one seed) no longer
-fits: 3 seeds of 1,000 steps alone would take 3 × 1000 × 795.5 ms = 40 minutes.
+fits: 3 seeds of 1,000 steps alone would take 3 × 1000 × 877.6 ms = 44 minutes.
 
-``--preset=long``: a 4-layer d192 model, 3 × the default's steps (final and tuning runs); hours
-on 2 CPU cores. ``--preset=gpu``: the notebook's setting for a Colab GPU runtime (4-layer d256,
-128-byte context, batch 64, 1,000 steps; not timed here).
+``--preset=long``: a 4-layer d192 model, 3 × the default's steps (final and tuning runs): about
+2.5 hours on 2 CPU cores (mean step times ~3.5 × the default's: adamw 324 ms, kl_shampoo 441 ms,
+psgd_kron 427 ms; 2745 steps per method). ``--preset=gpu``: the notebook's setting for a Colab
+GPU runtime (4-layer d256, 128-byte context, batch 64, 1,000 steps; not timed here).
 
     python benchmarks/lm_curves.py                                # all methods, default preset
     python benchmarks/lm_curves.py --methods=adamw,soap --seeds=0,1 --steps=500
@@ -104,6 +112,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import importlib
 import inspect
 import io
@@ -168,21 +177,16 @@ KP_OPTIONS: dict[str, dict[str, Any]] = {
   "shampoo": {"grafting_type": "adam"},
   "kl_shampoo_ref": {"eigenvalue_init": "constant", "clamp": "absolute"},  # the authors' code
 }
-# The second tuned hyperparameter of each method (the first is the learning rate).
-SECOND_AXES = {
-  "adamw": "b2",
-  "shampoo": "b2",
-  "soap": "b2",
-  "kl_soap": "b2",
-  "kl_shampoo": "b2",
-  "kl_shampoo_ref": "b2",
-  "psgd_kron": "preconditioner_init_scale",
-}
-_SECOND_ORDER_LRS = (3e-3, 1e-2, 3e-2)
+# Rates ×√10 apart, centred on each method's best rate in the tuning of a full default run at
+# f897f71 (see the module docstring).
 DEFAULT_LR_GRIDS: dict[str, tuple[float, ...]] = {
-  "adamw": (1e-3, 3e-3, 1e-2),
-  **{m: _SECOND_ORDER_LRS for m in ("shampoo", "soap", "kl_soap", "kl_shampoo", "kl_shampoo_ref")},
-  "psgd_kron": (1e-3, 3e-3, 1e-2),
+  "adamw": (3e-4, 1e-3, 3e-3),
+  "shampoo": (1e-3, 3e-3, 1e-2),
+  "soap": (3e-3, 1e-2, 3e-2),
+  "kl_soap": (1e-3, 3e-3, 1e-2),
+  "kl_shampoo": (3e-3, 1e-2, 3e-2),
+  "kl_shampoo_ref": (1e-2, 3e-2, 1e-1),
+  "psgd_kron": (3e-4, 1e-3, 3e-3),
 }
 DEFAULT_HPARAM_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
   "adamw": ("b2", (0.95, 0.99)),
@@ -191,16 +195,18 @@ DEFAULT_HPARAM_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
   "kl_soap": ("b2", (0.95, 0.99)),
   "kl_shampoo": ("b2", (0.95, 0.99)),
   "kl_shampoo_ref": ("b2", (0.95, 0.99)),
-  "psgd_kron": ("preconditioner_init_scale", (10.0, 30.0)),
+  "psgd_kron": ("preconditioner_init_scale", (30.0, 100.0)),
 }
-# Settings without tuning (``tune=False``): the rates of earlier sweeps, each method's defaults.
+# The second tuned hyperparameter of each method (the first is the learning rate).
+SECOND_AXES = {method: name for method, (name, _) in DEFAULT_HPARAM_GRIDS.items()}
+# Settings without tuning (``tune=False``): the tuned settings of the f897f71 default run.
 DEFAULT_SETTINGS: dict[str, dict[str, float]] = {
-  "adamw": {"lr": 3e-3, "b2": 0.95},
-  "shampoo": {"lr": 1e-2, "b2": 0.999},
-  "soap": {"lr": 1e-2, "b2": 0.95},
-  "kl_soap": {"lr": 1e-2, "b2": 0.98},
-  "kl_shampoo": {"lr": 1e-2, "b2": 0.98},
-  "kl_shampoo_ref": {"lr": 1e-2, "b2": 0.98},
+  "adamw": {"lr": 1e-3, "b2": 0.99},
+  "shampoo": {"lr": 3e-3, "b2": 0.999},
+  "soap": {"lr": 1e-2, "b2": 0.99},
+  "kl_soap": {"lr": 3e-3, "b2": 0.99},
+  "kl_shampoo": {"lr": 1e-2, "b2": 0.95},
+  "kl_shampoo_ref": {"lr": 3e-2, "b2": 0.95},
   "psgd_kron": {"lr": 1e-3, "preconditioner_init_scale": 30.0},
 }
 ADAMW_B1, ADAMW_B2 = 0.9, 0.95
@@ -224,11 +230,11 @@ class ExperimentConfig:
 
   model: lm_model.ModelConfig = lm_model.ModelConfig()
   batch_size: int = 32
-  steps: int = 250
+  steps: int = 225
   methods: tuple[str, ...] = METHODS
   seeds: tuple[int, ...] = (0, 1, 2)
   tune: bool = True
-  tune_steps: int = 50
+  tune_steps: int = 40
   tune_seed: int = 100
   lr_grids: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
   hparam_grids: dict[str, tuple[str, tuple[float, ...]]] = dataclasses.field(default_factory=dict)
@@ -384,8 +390,9 @@ class Trainer:
 
   The train step takes ``(state, inputs, targets, learning_rate)``, state = (params, optimizer
   state), and donates the state. One step is compiled ahead of time per (method, hyperparameters
-  other than the rate) and reused for every rate, run length and seed; the eval step (params
-  only) is compiled once.
+  other than the rate) and reused for every rate, run length and seed; settings whose lowered
+  programs are identical share one compilation (PSGD Kron's initial scale only enters its
+  state). The eval step (params only) is compiled once.
   """
 
   def __init__(self, config: ExperimentConfig, example: Batch):
@@ -394,8 +401,15 @@ class Trainer:
     abstract = nnx.eval_shape(lambda: lm_model.TransformerLM(config.model, rngs=nnx.Rngs(0)))
     self.graphdef, _ = nnx.split(abstract)
     self._train: dict[tuple[str, tuple[tuple[str, float], ...]], Any] = {}
+    self._by_program: dict[str, Any] = {}  # sha256 of the lowered program -> compiled step
     self.compile_seconds: dict[str, float] = {}  # per method, over all its compiled steps
     self.eval_fn = None
+    # The model's initialisation, compiled once (eagerly, each of its ops would compile alone).
+    self._init_params = jax.jit(
+      lambda seed: nnx.state(
+        lm_model.TransformerLM(config.model, rngs=nnx.Rngs(jax.random.key(seed)))
+      )
+    )
 
   def optimizer(self, method: str, learning_rate: Any, hparams: Mapping[str, float]):
     """The method's optimizer with this experiment's common settings."""
@@ -410,7 +424,7 @@ class Trainer:
 
   def init_state(self, method: str, hparams: Mapping[str, float], seed: int) -> Any:
     """Fresh (params, optimizer state) for a seed; the rate does not enter the state."""
-    params = nnx.state(lm_model.TransformerLM(self.config.model, rngs=nnx.Rngs(seed)))
+    params = self._init_params(np.int32(seed))
     with contextlib.redirect_stdout(io.StringIO()):  # psgd-jax prints its state sizes
       opt_state = self.optimizer(method, 0.0, hparams).init(params)
     # Fresh buffers: an optimizer state may share one array between leaves, which donation
@@ -436,8 +450,12 @@ class Trainer:
 
     start = time.perf_counter()
     lr = np.float32(0.0)
-    self._train[key] = jax.jit(train_step, donate_argnums=0).lower(state, *self.example, lr)
-    self._train[key] = self._train[key].compile()
+    lowered = jax.jit(train_step, donate_argnums=0).lower(state, *self.example, lr)
+    program = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+    if program in self._by_program:
+      self._train[key] = self._by_program[program]
+      return self._train[key], 0.0
+    self._train[key] = self._by_program[program] = lowered.compile()
     seconds = time.perf_counter() - start
     self.compile_seconds[method] = self.compile_seconds.get(method, 0.0) + seconds
     if self.eval_fn is None:
@@ -682,7 +700,7 @@ def plot_curves(summary: Mapping[str, Any], path: str) -> Figure:
   ax_steps.set(
     xlabel="step",
     ylabel="validation loss (nats/byte)",
-    title=f"vs steps (mean ± std over {seeds} seeds)",
+    title=f"vs steps (mean ± std over {_count(seeds, 'seed')})",
   )
   ax_wall.set(xlabel="train wall-clock seconds (seed mean, excl. compile/eval)", title="vs time")
   for ax in (ax_steps, ax_wall):
@@ -699,6 +717,10 @@ def plot_curves(summary: Mapping[str, Any], path: str) -> Figure:
   return fig
 
 
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _fmt(value: float | None, spec: str, missing: str = "not reached") -> str:
   return missing if value is None or not math.isfinite(value) else format(value, spec)
 
@@ -709,7 +731,7 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
   ref = f"{target['method']}'s {target['val_loss']:.4f}" if target else "n/a"
   seeds = len(summary["config"]["seeds"])
   lines = [
-    f"| method | tuned | final val loss (mean ± std, {seeds} seeds) | steps to {ref} "
+    f"| method | tuned | final val loss (mean ± std, {_count(seeds, 'seed')}) | steps to {ref} "
     f"| seconds to {ref} | median step ms |",
     "|---|---|---|---|---|---|",
   ]
@@ -765,10 +787,11 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     sizes = {m: len(g) for m, g in grids.items()}
     raise ValueError(f"Every method needs the same number of tuning trials; got {sizes}.")
   trials_each = len(grids[methods[0]]) if config.tune and methods else 0
+  seeds = _count(len(config.seeds), "seed")
   print(
-    f"Plan: {len(methods)} methods; tuning {trials_each} trials x {config.tune_steps} steps "
-    f"(seed {config.tune_seed}) each; final runs {len(config.seeds)} seeds x {config.steps} "
-    f"steps each; {config.model}, batch {config.batch_size}."
+    f"Plan: {_count(len(methods), 'method')}; tuning {trials_each} trials x {config.tune_steps} "
+    f"steps (seed {config.tune_seed}) each; final runs {seeds} x {config.steps} steps each; "
+    f"{config.model}, batch {config.batch_size}."
   )
   corpus = lm_data.load_stdlib_corpus(config.max_corpus_bytes)
   val_batches = lm_data.fixed_batches(

@@ -27,10 +27,10 @@
 # lives in `benchmarks/lm_curves.py`; the same experiment runs from the command line with
 # `python benchmarks/lm_curves.py --preset=...`.
 #
-# Presets: `default` (2-layer d128 model, 250-step final runs, about 17 minutes on 2 CPU
-# cores), `long` (4-layer d192, 3× the steps; hours on a CPU) and `gpu` (4-layer d256, 128-byte
-# context, batch 64, 1,000 steps: for a Colab GPU runtime, picked automatically when JAX sees a
-# GPU).
+# Presets: `default` (2-layer d128 model, 225-step final runs, about 18 minutes on 2 CPU
+# cores), `long` (4-layer d192, 3× the steps; about 2.5 hours on a CPU) and `gpu` (4-layer
+# d256, 128-byte context, batch 64, 1,000 steps: for a Colab GPU runtime, picked automatically
+# when JAX sees a GPU).
 #
 # Environment variables (used by the tests): `KL_PRECOND_NOTEBOOK_STEPS` sets the number of
 # training steps (below 100 selects a tiny model, two seeds and a 2-trial grid),

@@ -569,7 +569,7 @@ def test_lm_curves_tuning_picks_the_argmin_of_an_equal_grid():
   assert len({len(g) for g in grids.values()}) == 1 and len(grids["adamw"]) == 6
   for method, grid in grids.items():
     assert {tuple(s) for s in grid} == {("lr", lm_curves.SECOND_AXES[method])}
-  assert grids["psgd_kron"][0] == {"lr": 1e-3, "preconditioner_init_scale": 10.0}
+  assert grids["psgd_kron"][0] == {"lr": 3e-4, "preconditioner_init_scale": 30.0}
   unequal = lm_curves.ExperimentConfig(
     methods=("adamw", "soap"), lr_grids={"adamw": (1e-3,)}, out_dir="/nonexistent"
   )
@@ -665,3 +665,28 @@ def test_lm_curves_psgd_kron_imports_on_this_optax():
   tx = lm_curves.make_optimizer("psgd_kron", 1e-3, {"b1": 0.9})
   state = tx.init({"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))})
   assert "Qs_preconditioners" in state[1][0]  # clip_by_global_norm, then kron's own state
+
+
+@pytest.mark.slow  # compiles a train step (~6 s)
+def test_lm_curves_settings_with_the_same_program_share_one_compilation():
+  """``Trainer.compiled``: one compilation per distinct lowered program (here ``b1=0.9`` is
+  AdamW's default, so both settings lower to the same program)."""
+  import numpy as np
+
+  from benchmarks import lm_curves, lm_data, lm_model
+
+  config = lm_curves.ExperimentConfig(
+    model=lm_model.ModelConfig(seq_len=8, d_model=16, num_layers=1, num_heads=2), batch_size=2
+  )
+  data = (np.arange(2000) % 251).astype(np.uint8)
+  example = lm_data.sample_batch(data, np.random.default_rng(0), 2, 8)
+  trainer = lm_curves.Trainer(config, example)
+  first = {"b2": 0.95}
+  step, seconds = trainer.compiled("adamw", first, trainer.init_state("adamw", first, 0))
+  same = {"b2": 0.95, "b1": 0.9}
+  again, no_seconds = trainer.compiled("adamw", same, trainer.init_state("adamw", same, 1))
+  assert seconds > 0 and no_seconds == 0.0 and again is step
+  assert list(trainer.compile_seconds) == ["adamw"]
+  state = trainer.init_state("adamw", first, 0)
+  (params, _), loss = step(state, *example, np.float32(1e-3))
+  assert math.isfinite(float(loss)) and math.isfinite(trainer.val_loss(params, [example]))
