@@ -451,7 +451,9 @@ class Trainer:
     start = time.perf_counter()
     lr = np.float32(0.0)
     lowered = jax.jit(train_step, donate_argnums=0).lower(state, *self.example, lr)
-    program = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+    bytecode = io.BytesIO()  # exact serialisation (the text form may elide large constants)
+    lowered.compiler_ir("stablehlo").operation.write_bytecode(file=bytecode)
+    program = hashlib.sha256(bytecode.getvalue()).hexdigest()
     if program in self._by_program:
       self._train[key] = self._by_program[program]
       return self._train[key], 0.0
