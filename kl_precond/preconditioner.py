@@ -15,7 +15,8 @@ The first call (``first_call``):
 
 * ``"init_only"`` (the authors' SOAP and KL code): only builds the factors and the first basis
   (eigendecomposition, descending columns) and returns a zero update; the step counter ``t``
-  starts after it.
+  starts after it. An estimator whose ``seeds`` is true (the ``kl`` estimator's data starts)
+  then sets its eigenvalue estimates from the first basis (``estimator.seed``).
 * ``"precondition"``: builds the basis from the first gradient, then preconditions that gradient.
 * ``"identity"`` (Distributed Shampoo): nothing special; the bases are the identity until the
   first refresh.
