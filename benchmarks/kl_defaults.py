@@ -89,8 +89,8 @@ from absl import app, flags
 from tqdm import tqdm
 
 import kl_precond as kp
-
-Params = dict[str, jax.Array]
+from benchmarks.kronecker_study import Params, init_mlp
+from benchmarks.kronecker_study import logits_fn as mlp  # tanh hidden layers, linear output
 
 # name -> (factory, keyword arguments). The factory is ``optax.<name>`` for ``adamw`` and
 # ``kp.<name>`` otherwise.
@@ -161,26 +161,6 @@ SMOKE = dict(
 
 # ---------------------------------------------------------------------------------------------
 # Tasks.
-
-
-def init_mlp(key: jax.Array, sizes: Sequence[int]) -> Params:
-  """Weights ``w{i}`` of shape (fan_in, fan_out), N(0, 1/fan_in); zero biases ``b{i}``."""
-  params = {}
-  for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-    key, sub = jax.random.split(key)
-    params[f"w{i}"] = jax.random.normal(sub, (fan_in, fan_out)) / np.sqrt(fan_in)
-    params[f"b{i}"] = jnp.zeros(fan_out)
-  return params
-
-
-def mlp(params: Params, x: jax.Array) -> jax.Array:
-  """tanh hidden layers, linear output."""
-  num_layers = len(params) // 2
-  for i in range(num_layers):
-    x = x @ params[f"w{i}"] + params[f"b{i}"]
-    if i < num_layers - 1:
-      x = jnp.tanh(x)
-  return x
 
 
 def cross_entropy(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
