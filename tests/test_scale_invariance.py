@@ -105,6 +105,7 @@ def test_the_authors_setting_depends_on_the_gradient_scale(name, c):
   assert _relative_difference(name, REFERENCE, c) > 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "settings",
   [
