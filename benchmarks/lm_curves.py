@@ -150,9 +150,10 @@ def apply_cpu_workarounds() -> None:
   * jaxlib's batched LAPACK kernels (the preconditioners' eigh and QR) call scipy's OpenBLAS,
     whose own threads then oversubscribe the cores: a refresh step took 1-16 s instead of 0.2 s
     here. ``OPENBLAS_NUM_THREADS=1`` avoids that (XLA already spreads the batch over its pool).
-  * ``CPU_SCHEDULER_FLAG``: the repository's known CPU hang workaround (env_baseline §2.2).
-    The eigh deadlock that once needed a larger pool (``PJRT_NPROC``) is fixed in the chassis,
-    which runs the decompositions of a step one after another (``kl_precond.tensor_ops.after``).
+  * ``CPU_SCHEDULER_FLAG``: XLA's CPU scheduler can deadlock on PSGD Kron's graph (a step never
+    returns); turning off its concurrency-optimized scheduler avoids it. The separate deadlock of
+    batched eighs is avoided in the chassis, which runs the decompositions of a step one after
+    another (``kl_precond.tensor_ops.after``).
 
   Values the user already set are kept; none of this affects GPU or TPU computations.
   """

@@ -1,6 +1,6 @@
 """Step time of peer JAX implementations and of ours, head-to-head in one process per task.
 
-The peers break on current JAX (env_baseline §2): Google's ``distributed_shampoo``
+The peers break on current JAX: Google's ``distributed_shampoo``
 (``precondition-opt``) calls the removed ``jax.tree_map``; ``distributed-kron`` subscripts
 ``PartitionSpec[str, str]``; ``psgd-jax`` imports ``optax._src.clipping``. So they run, unchanged,
 in a separate venv pinned to jax 0.5.3 (``requirements-peers.txt``; created on demand at
@@ -41,8 +41,9 @@ ratios are to that run's AdamW. The driver also tries each peer package once in 
 (jax 0.10, ``--probe_current_jax``) and records how it fails.
 
 Workers run with ``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false``: without it
-PSGD Kron's graph can deadlock in XLA's CPU scheduler (env_baseline §2.2); AdamW and ours in the
-same process run with the same flag (as in ``step_time.py``).
+PSGD Kron's graph can deadlock XLA's CPU scheduler (a step never returns), and turning off its
+concurrency-optimized scheduler avoids that; AdamW and ours in the same process run with the same
+flag (as in ``step_time.py``).
 ``OPENBLAS_NUM_THREADS`` is 1 unless set (as in ``step_time.py``): it applies to every optimizer of
 a worker alike (the peers' eigh and triangular solves call LAPACK/BLAS too).
 
@@ -85,7 +86,7 @@ SCHEDULER_FLAG = cpu_env.SCHEDULER_FLAG
 LEARNING_RATE = 1e-4
 
 # name: (package, settings). Shampoo: lr, block size, beta1 0.9, beta2 0.999, preconditioners
-# every f steps from step 1, RMSprop grafting (RMSPROP_NORMALIZED diverges, env_baseline §2.1).
+# every f steps from step 1, RMSprop grafting (its RMSPROP_NORMALIZED grafting diverges here).
 # PSGD Kron's default schedule updates the preconditioner with probability 1 for the first 500
 # steps (so in every timed step here), then anneals to 0.03; the "_p0.03" variants time that
 # steady state, the "_p0.1" ones the same average refresh rate as our f = 10.
