@@ -57,7 +57,12 @@ STATIC_HYPERPARAMS = ("precondition_frequency", "max_precond_dim")
 
 
 def static_hyperparams(factory: Callable[..., Any]) -> tuple[str, ...]:
-  """The static arguments of an optimizer of this package, for ``optax.inject_hyperparams``."""
+  """The static arguments of an optimizer of this package, for ``optax.inject_hyperparams``.
+
+  ``factory`` must be a callable (e.g. :func:`kl_precond.shampoo`); else ``ValueError``.
+  """
+  if not callable(factory):
+    raise ValueError(f"factory must be an optimizer factory (a callable), got {factory!r}.")
   names = inspect.signature(factory).parameters
   extra = ("start_preconditioning_step", "qr_iterations")
   return tuple(n for n in (*STATIC_HYPERPARAMS, *extra) if n in names)

@@ -21,7 +21,13 @@ import optax
 
 from kl_precond import basis as basis_lib
 from kl_precond import estimators, preconditioner, scaling
-from kl_precond._validation import check_beta
+from kl_precond._validation import (
+  check_beta,
+  check_bool,
+  check_frequency,
+  check_layout,
+  check_nonnegative_or_schedule,
+)
 from kl_precond.layout import LayoutConfig
 
 
@@ -29,6 +35,7 @@ def _layout(
   layout: LayoutConfig | None, max_precond_dim: int, merge_small_dims: bool, precondition_1d: bool
 ) -> LayoutConfig:
   """The layout from the common keyword arguments, or the explicit ``layout`` if given."""
+  check_layout("layout", layout)
   if layout is None:
     return LayoutConfig(max_precond_dim, merge_small_dims, precondition_1d)
   if (max_precond_dim, merge_small_dims, precondition_1d) != (10000, False, False):
@@ -38,6 +45,13 @@ def _layout(
       f"merge_small_dims={merge_small_dims}, precondition_1d={precondition_1d}."
     )
   return layout
+
+
+def _check_direction(b2: Any, precondition_frequency: Any, sort_basis: Any) -> None:
+  """The options the SOAP and KL methods rename or share before handing them to a stage."""
+  check_beta("b2", b2)
+  check_frequency("precondition_frequency", precondition_frequency)
+  check_bool("sort_basis", sort_basis)
 
 
 def _factor_beta(shampoo_beta: Any, b2: Any) -> Any:
@@ -53,6 +67,8 @@ def _with_decay(
   weight_decay: Any,
   mask: Any,
 ) -> optax.GradientTransformation:
+  check_nonnegative_or_schedule("learning_rate", learning_rate)
+  check_nonnegative_or_schedule("weight_decay", weight_decay)
   return optax.chain(
     transform,
     optax.add_decayed_weights(weight_decay, mask),
@@ -125,6 +141,7 @@ def scale_by_soap(
     Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", 2024,
     https://arxiv.org/abs/2409.11321
   """
+  _check_direction(b2, precondition_frequency, sort_basis)
   return preconditioner.scale_by_preconditioner(
     estimators.frobenius(_factor_beta(shampoo_beta, b2), dtype=dtype),
     basis_lib.qr_every(precondition_frequency, sort=sort_basis, dtype=dtype),
@@ -158,8 +175,8 @@ def soap(
   """SOAP with decoupled weight decay: ``W ← W - η(U + λW)``, ``U`` from :func:`scale_by_soap`.
 
   Args:
-    learning_rate: ``η``, a number or an optax schedule.
-    weight_decay: ``λ``.
+    learning_rate: ``η``, a finite number ``>= 0`` or an optax schedule.
+    weight_decay: ``λ``, a finite number ``>= 0`` or an optax schedule.
     mask: pytree (or callable) of booleans: which parameters are decayed.
     **others: as in :func:`scale_by_soap`.
 
@@ -199,6 +216,7 @@ def _kl_stages(
   sort_basis: bool,
   dtype: Any,
 ) -> tuple[estimators.KL, basis_lib.Refresh]:
+  _check_direction(b2, precondition_frequency, sort_basis)
   estimator = estimators.kl(
     _factor_beta(shampoo_beta, b2),
     eigenvalue_init=eigenvalue_init,
@@ -326,8 +344,8 @@ def kl_soap(
   """KL-SOAP with decoupled weight decay: ``W ← W - η(U + λW)``, ``U`` from :func:`scale_by_kl_soap`.
 
   Args:
-    learning_rate: ``η``, a number or an optax schedule.
-    weight_decay: ``λ``.
+    learning_rate: ``η``, a finite number ``>= 0`` or an optax schedule.
+    weight_decay: ``λ``, a finite number ``>= 0`` or an optax schedule.
     mask: pytree (or callable) of booleans: which parameters are decayed.
     **others: as in :func:`scale_by_kl_soap`.
   """
@@ -481,8 +499,8 @@ def kl_shampoo(
   """KL-Shampoo with decoupled weight decay: ``W ← W - η(U + λW)``, ``U`` from :func:`scale_by_kl_shampoo`.
 
   Args:
-    learning_rate: ``η``, a number or an optax schedule.
-    weight_decay: ``λ``.
+    learning_rate: ``η``, a finite number ``>= 0`` or an optax schedule.
+    weight_decay: ``λ``, a finite number ``>= 0`` or an optax schedule.
     mask: pytree (or callable) of booleans: which parameters are decayed.
     **others: as in :func:`scale_by_kl_shampoo`.
   """

@@ -31,10 +31,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kl_precond import tensor_ops
-from kl_precond._validation import check_frequency, check_nonnegative
+from kl_precond._validation import (
+  check_at_most,
+  check_bool,
+  check_dtype,
+  check_frequency,
+  check_integer,
+  check_nonnegative,
+)
 
 Matrices = tuple[jax.Array | None, ...]
 
@@ -337,14 +343,15 @@ def qr_every(every: int, *, sort: bool = True, start: int = 0, dtype: Any = None
   Returns:
     The basis stage.
   """
-  check_frequency("precondition_frequency", every)
+  check_frequency("every", every)
   _check_start(start)
+  check_bool("sort", sort)
+  check_dtype("dtype", dtype)
   return Refresh(every, "qr", sort, dtype=dtype, start=start)
 
 
 def _check_start(start: int) -> None:
-  if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
-    raise ValueError(f"start_preconditioning_step must be an integer >= 0, got {start!r}.")
+  check_integer("start", start, 0)
 
 
 def eigh_every(
@@ -394,12 +401,20 @@ def eigh_every(
   Returns:
     The basis stage.
   """
-  check_frequency("precondition_frequency", every)
+  check_frequency("every", every)
   _check_start(start)
   check_nonnegative("ridge", ridge)
   _check_tolerance(tolerance)
   if eigenvalue_floor is not None:
     check_nonnegative("eigenvalue_floor", eigenvalue_floor)
+  for name, flag in (
+    ("relative_ridge", relative_ridge),
+    ("keep_eigenvalues", keep_eigenvalues),
+    ("keep_bases", keep_bases),
+    ("ascending", ascending),
+  ):
+    check_bool(name, flag)
+  check_dtype("dtype", dtype)
   return Refresh(
     every,
     "eigh",
@@ -419,8 +434,7 @@ def eigh_every(
 
 def _check_tolerance(tolerance: Any) -> None:
   check_nonnegative("tolerance", tolerance)
-  if isinstance(tolerance, (int, float)) and tolerance > 1:
-    raise ValueError(f"tolerance must be in [0, 1], got {tolerance!r}.")
+  check_at_most("tolerance", tolerance, 1.0)
 
 
 def qr_algorithm_every(
@@ -467,16 +481,16 @@ def qr_algorithm_every(
   Returns:
     The basis stage.
   """
-  check_frequency("precondition_frequency", every)
+  check_frequency("every", every)
   _check_start(start)
   check_nonnegative("ridge", ridge)
   _check_tolerance(tolerance)
-  if (
-    isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1
-  ):
-    raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}.")
+  check_integer("iterations", iterations, 1)
   if eigenvalue_floor is not None:
     check_nonnegative("eigenvalue_floor", eigenvalue_floor)
+  check_bool("ascending", ascending)
+  check_bool("keep_eigenvalues", keep_eigenvalues)
+  check_dtype("dtype", dtype)
   return Refresh(
     every,
     "qr_algorithm",

@@ -51,7 +51,9 @@ from kl_precond import scaling, tensor_ops
 from kl_precond._validation import (
   check_beta,
   check_beta_or_sum,
+  check_bool,
   check_choice,
+  check_dtype,
   check_nonnegative,
   check_positive,
 )
@@ -192,8 +194,9 @@ def frobenius(
       ``drop_weighting_factor_on_gsquare=True`` is ``weight=1``).
     trace_scaling: ``e``: hand ``F_i · max(tr F_i, trace_floor)^(-e)`` to the basis stage
       (after the bias correction; Distributed Shampoo's ``use_trace_scaling`` with
-      ``trace_scaling_exponent``). ``None``: off.
-    trace_floor: the smallest trace used by ``trace_scaling`` (Distributed Shampoo: its ``ε``).
+      ``trace_scaling_exponent``), a finite ``e >= 0``. ``None``: off.
+    trace_floor: the smallest trace used by ``trace_scaling`` (Distributed Shampoo: its ``ε``),
+      ``>= 0``.
 
   Returns:
     The estimator stage.
@@ -202,6 +205,10 @@ def frobenius(
   if weight is not None:
     check_beta_or_sum("weight", weight)
   check_nonnegative("trace_floor", trace_floor)
+  if trace_scaling is not None:
+    check_nonnegative("trace_scaling", trace_scaling)
+  check_bool("bias_correction", bias_correction)
+  check_dtype("dtype", dtype)
   return Frobenius(beta, bias_correction, dtype, weight, trace_scaling, trace_floor)
 
 
@@ -314,6 +321,10 @@ def kl_roots(
   if weight is not None:
     check_beta_or_sum("weight", weight)
   check_nonnegative("trace_floor", trace_floor)
+  if trace_scaling is not None:
+    check_nonnegative("trace_scaling", trace_scaling)
+  check_bool("bias_correction", bias_correction)
+  check_dtype("dtype", dtype)
   scaling._check_exponents(exponents)
   return KLRoots(
     beta,
@@ -758,4 +769,5 @@ def kl(
   if max_clamp_value is not None:
     check_positive("max_clamp_value", max_clamp_value)
   check_nonnegative("damping", damping)
+  check_dtype("dtype", dtype)
   return KL(beta, init_factor, max_clamp_value, damping, dtype, eigenvalue_init, clamp)

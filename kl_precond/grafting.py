@@ -22,7 +22,16 @@ import optax
 
 from kl_precond import layout as layout_lib
 from kl_precond import tensor_ops
-from kl_precond._validation import check_beta, check_choice, check_nonnegative
+from kl_precond._validation import (
+  check_beta,
+  check_bool,
+  check_choice,
+  check_dtype,
+  check_integer,
+  check_layout,
+  check_nonnegative,
+  check_stage,
+)
 
 
 class GraftState(NamedTuple):
@@ -79,12 +88,12 @@ def graft(
   Returns:
     An ``optax.GradientTransformation``.
   """
+  check_stage("direction", direction, ("init", "update"))
+  check_stage("magnitude", magnitude, ("init", "update"))
+  check_layout("layout", layout)
+  check_integer("start_preconditioning_step", start_preconditioning_step, 0)
   check_nonnegative("eps", eps)
   check_choice("nonfinite", nonfinite, ("skip", "propagate"))
-  if isinstance(start_preconditioning_step, bool) or start_preconditioning_step < 0:
-    raise ValueError(
-      f"start_preconditioning_step must be an integer >= 0, got {start_preconditioning_step!r}."
-    )
 
   def init_fn(params: Any) -> GraftState:
     return GraftState(jnp.zeros((), jnp.int32), direction.init(params), magnitude.init(params))
@@ -210,12 +219,14 @@ def graft_magnitude(
   Returns:
     A :class:`HoldingTransformation` (an ``optax.GradientTransformationExtraArgs``).
   """
-  check_choice("grafting", kind, ("sgd", "adagrad", "rmsprop", "adam"))
+  check_choice("kind", kind, ("sgd", "adagrad", "rmsprop", "adam"))
   check_beta("b1", b1)
   check_beta("b2", b2)
   if b3 is not None:
     check_beta("b3", b3)
   check_nonnegative("eps", eps)
+  check_dtype("dtype", dtype)
+  check_bool("debias_first_moment", debias_first_moment)
   # optax's own state types (and arithmetic in the moments' dtype) for its two optimizers.
   as_optax = dtype is None and kind in ("adam", "sgd") and debias_first_moment and b3 is None
 

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kl_precond._validation import check_axes_per_order, check_bool, check_integer
+
 
 @dataclasses.dataclass(frozen=True)
 class LayoutConfig:
@@ -47,7 +49,8 @@ class LayoutConfig:
     squeeze: drop axes of size one before anything else.
     channels_last: permute 4-D tensors ``(a, b, c, d) -> (a, d, b, c)`` before merging.
     unfactored_axes: ``((order, (axis, ...)), ...)``: in blocks of that order these axes get
-      no factor (one-sided Shampoo: ``((2, (1,)),)`` keeps only the left factor of matrices).
+      no factor (one-sided Shampoo: ``((2, (1,)),)`` keeps only the left factor of matrices);
+      each axis ``0 <= axis < order`` (the order is a block's number of axes).
     bucket_multiple: pad every bucket with a Kronecker factor with zero blocks up to a multiple
       of this many rows (e.g. the size of the mesh axis its state is sharded over); ``1``: none.
   """
@@ -62,10 +65,11 @@ class LayoutConfig:
   bucket_multiple: int = 1
 
   def __post_init__(self) -> None:
-    if not isinstance(self.max_precond_dim, int) or self.max_precond_dim < 1:
-      raise ValueError(f"max_precond_dim must be an integer >= 1, got {self.max_precond_dim!r}.")
-    if not isinstance(self.bucket_multiple, int) or self.bucket_multiple < 1:
-      raise ValueError(f"bucket_multiple must be an integer >= 1, got {self.bucket_multiple!r}.")
+    check_integer("max_precond_dim", self.max_precond_dim, 1)
+    check_integer("bucket_multiple", self.bucket_multiple, 1)
+    for name in ("merge_small_dims", "precondition_1d", "blocking", "squeeze", "channels_last"):
+      check_bool(name, getattr(self, name))
+    check_axes_per_order("unfactored_axes", self.unfactored_axes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,7 +51,7 @@ from jax.sharding import PartitionSpec as P
 
 from kl_precond import layout as layout_lib
 from kl_precond import tensor_ops
-from kl_precond._validation import check_choice
+from kl_precond._validation import check_bool, check_choice, check_layout, check_stage
 
 
 class BucketState(NamedTuple):
@@ -486,7 +486,15 @@ def scale_by_preconditioner(
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`PreconditionerState`.
   """
+  check_stage("estimator", estimator, ("init", "update", "factors", "eigenvalues"))
+  check_stage("basis", basis, ("init", "refresh", "first"))
+  check_stage("scaling", scaling, ("init", "update", "rotate"))
+  if fallback is not None:
+    check_stage("fallback", fallback, ("init", "update", "rotate"))
+  check_layout("layout", layout)
   check_choice("first_call", first_call, ("init_only", "precondition", "identity"))
+  check_bool("statistics_first", statistics_first)
+  check_bool("normalize_grads", normalize_grads)
   check_choice("nonfinite", nonfinite, ("skip", "propagate"))
   if getattr(scaling, "cache_roots", False) and not getattr(
     estimator, "eigenvalues_fixed_between_refreshes", False

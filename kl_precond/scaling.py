@@ -43,7 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from kl_precond import tensor_ops
-from kl_precond._validation import check_beta, check_beta_or_sum, check_choice, check_nonnegative
+from kl_precond._validation import (
+  check_beta,
+  check_beta_or_sum,
+  check_bool,
+  check_choice,
+  check_dtype,
+  check_nonnegative,
+)
 
 Bases = Sequence[jax.Array | None]
 
@@ -161,20 +168,35 @@ def adam(
   if b3 is not None:
     check_beta("b3", b3)
   check_nonnegative("eps", eps)
+  check_bool("bias_correction", bias_correction)
+  check_dtype("dtype", dtype)
   return Adam(b1, b2, eps, bias_correction, dtype, b3)
 
 
-def _check_exponents(exponents: Any) -> None:
+def _check_exponents(exponents: Any, name: str = "exponents") -> None:
+  """Every exponent in ``exponents`` (a number, a per-axis sequence or array, or a per-order
+  mapping) must be a finite number ``>= 0``; the message shows the whole option."""
+  try:
+    _check_exponent_values(exponents)
+  except ValueError as error:
+    raise ValueError(
+      f"{name}: all exponents must be finite and >= 0 (a number, a per-axis sequence, or a "
+      f"per-order mapping), got {exponents!r}."
+    ) from error
+
+
+def _check_exponent_values(exponents: Any) -> None:
   if isinstance(exponents, Mapping):
     for entry in exponents.values():
-      _check_exponents(list(entry.values()) if isinstance(entry, Mapping) else entry)
+      _check_exponent_values(list(entry.values()) if isinstance(entry, Mapping) else entry)
   elif isinstance(exponents, (tuple, list)):
     for value in exponents:
       check_nonnegative("exponents", value)
   elif isinstance(exponents, (np.ndarray, jax.Array)) and not isinstance(
     exponents, jax.core.Tracer
   ):
-    if exponents.ndim and bool(np.any(np.asarray(exponents) < 0)):
+    values = np.asarray(exponents)
+    if exponents.ndim and not bool(np.all((values >= 0) & np.isfinite(values))):
       raise ValueError(f"exponents must be >= 0, got {exponents!r}.")
     if not exponents.ndim:
       check_nonnegative("exponents", exponents)
@@ -461,7 +483,10 @@ def eigenvalue_corrected(
   if d_weight is not None:
     check_beta_or_sum("d_weight", d_weight)
   check_nonnegative("eps", eps)
-  _check_exponents(exponent)
+  _check_exponents(exponent, "exponent")
+  check_bool("bias_correction", bias_correction)
+  check_bool("momentum_in_eigenbasis", momentum_in_eigenbasis)
+  check_dtype("dtype", dtype)
   return EigenvalueCorrected(
     b1, b2, eps, exponent, bias_correction, dtype, bool(momentum_in_eigenbasis), d_weight, b3
   )
@@ -548,6 +573,10 @@ def kronecker_eigenvalues(
   check_nonnegative("eps", eps)
   check_choice("eps_placement", eps_placement, ("inside", "outside"))
   _check_exponents(exponents)
+  check_bool("bias_correction", bias_correction)
+  check_bool("cache_roots", cache_roots)
+  check_bool("momentum_in_eigenbasis", momentum_in_eigenbasis)
+  check_dtype("dtype", dtype)
   if cache_roots and momentum_in_eigenbasis:
     raise ValueError(
       "cache_roots and momentum_in_eigenbasis exclude each other: cached roots apply to a "

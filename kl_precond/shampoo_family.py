@@ -24,7 +24,17 @@ import optax
 
 from kl_precond import basis as basis_lib
 from kl_precond import estimators, grafting, preconditioner, scaling
-from kl_precond._validation import check_beta, check_choice, check_frequency, check_nonnegative
+from kl_precond._validation import (
+  check_axes_per_order,
+  check_beta,
+  check_beta_or_sum,
+  check_bool,
+  check_choice,
+  check_frequency,
+  check_integer,
+  check_layout,
+  check_nonnegative,
+)
 from kl_precond.alias import _with_decay
 from kl_precond.layout import LayoutConfig
 
@@ -37,7 +47,33 @@ def _checked_start(
   check_frequency("precondition_frequency", frequency)
   check_beta("graft_b2", graft_b2)
   check_nonnegative("graft_eps", graft_eps)
+  if start is not None:
+    check_integer("start_preconditioning_step", start, 0)
   return int(frequency) if start is None else start
+
+
+def _check_common(
+  b2: Any,
+  eps: Any,
+  qr_iterations: Any,
+  max_precond_dim: Any,
+  precondition_1d: Any,
+  layout: Any,
+  statistics_weight: Any = None,
+  **flags: Any,
+) -> None:
+  """The options of the Shampoo family that not every configuration hands on to a stage."""
+  check_beta_or_sum("b2", b2)
+  check_nonnegative("eps", eps)
+  check_integer("max_precond_dim", max_precond_dim, 1)
+  if qr_iterations is not None:
+    check_integer("qr_iterations", qr_iterations, 1)
+  check_bool("precondition_1d", precondition_1d)
+  check_layout("layout", layout)
+  if statistics_weight is not None:
+    check_beta_or_sum("statistics_weight", statistics_weight)
+  for name, flag in flags.items():
+    check_bool(name, flag)
 
 
 def _grafted(
@@ -215,7 +251,7 @@ def scale_by_shampoo(
       Shampoo's ``drop_weighting_factor_on_gsquare=True`` is ``1``).
     trace_scaling: ``e``: each factor handed to the refresh is multiplied by
       ``max(tr L̂, ε)^(-e)`` (Distributed Shampoo's ``use_trace_scaling`` with
-      ``trace_scaling_exponent``); ``None``: off.
+      ``trace_scaling_exponent``), a finite ``e >= 0``; ``None``: off.
     b3: ``β₃``: the filtered gradient looks ahead,
       ``Ḡ = (M_{t-1} + (1-β₃)(G - M_{t-1})) / (1 - β₃β₁^{t-1})``, in the direction and the
       grafting (Distributed Shampoo's ``beta3``; ``β₃ = β₁²`` is NAdam-like); ``None``: ``β₁``.
@@ -230,6 +266,18 @@ def scale_by_shampoo(
   """
   check_choice("eps_mode", eps_mode, ("ridge", "relative"))
   check_choice("refresh", refresh, ("eigh", "qr"))
+  _check_common(
+    b2,
+    eps,
+    qr_iterations,
+    max_precond_dim,
+    precondition_1d,
+    layout,
+    statistics_weight,
+    cache_roots=cache_roots,
+    store_bases=store_bases,
+    kl_factors=kl_factors,
+  )
   start = _checked_start(
     grafting_type, graft_b2, graft_eps, precondition_frequency, start_preconditioning_step
   )
@@ -358,7 +406,9 @@ def scale_by_eigenvalue_corrected_shampoo(
     tolerance: skip (eigh) or stop (QR) where ``Qᵀ(L̂ + εI)Q`` is diagonal to this relative
       tolerance (``EigendecompositionConfig.tolerance``).
     unrotated_axes: ``{order: [axes]}``: axes of blocks of that order that keep the identity
-      basis (``ignored_basis_change_dims``).
+      basis (``ignored_basis_change_dims``). The order is a block's number of axes, so each
+      axis must satisfy ``0 <= axis < order`` (``{2: (5,)}`` names no axis of a matrix and
+      raises ``ValueError`` at construction).
     grafting_type: ``None``, ``"adam"``, ``"rmsprop"``, ``"adagrad"`` or ``"sgd"``.
     graft_b2: second-moment EMA weight of the grafting optimizer.
     graft_eps: epsilon of the grafting optimizer.
@@ -376,7 +426,7 @@ def scale_by_eigenvalue_corrected_shampoo(
       Shampoo's ``drop_weighting_factor_on_gsquare=True`` is ``1``).
     trace_scaling: ``e``: each factor handed to the refresh is multiplied by
       ``max(tr L̂, ε)^(-e)`` (Distributed Shampoo's ``use_trace_scaling`` with
-      ``trace_scaling_exponent``); ``None``: off.
+      ``trace_scaling_exponent``), a finite ``e >= 0``; ``None``: off.
     b3: ``β₃``: the filtered gradient looks ahead,
       ``Ḡ = (M_{t-1} + (1-β₃)(G - M_{t-1})) / (1 - β₃β₁^{t-1})``, in the direction and the
       grafting (Distributed Shampoo's ``beta3``; ``β₃ = β₁²`` is NAdam-like); ``None``: ``β₁``.
@@ -391,6 +441,9 @@ def scale_by_eigenvalue_corrected_shampoo(
     (``EigenvalueCorrectedShampooPreconditionerList``).
   """
   check_choice("refresh", refresh, ("qr", "eigh"))
+  _check_common(b2, eps, qr_iterations, max_precond_dim, precondition_1d, layout, statistics_weight)
+  if unrotated_axes is not None:
+    check_axes_per_order("unrotated_axes", unrotated_axes)
   start = _checked_start(
     grafting_type, graft_b2, graft_eps, precondition_frequency, start_preconditioning_step
   )
@@ -484,8 +537,8 @@ def eigenvalue_corrected_shampoo(
   grafting, as in Distributed Shampoo).
 
   Args:
-    learning_rate: ``η``, a number or an optax schedule.
-    weight_decay: ``λ``.
+    learning_rate: ``η``, a finite number ``>= 0`` or an optax schedule.
+    weight_decay: ``λ``, a finite number ``>= 0`` or an optax schedule.
     mask: which parameters are decayed.
     **others: as in :func:`scale_by_eigenvalue_corrected_shampoo`.
   """
@@ -551,8 +604,8 @@ def shampoo(
   :func:`scale_by_shampoo` (after grafting, as in Distributed Shampoo).
 
   Args:
-    learning_rate: ``η``, a number or an optax schedule.
-    weight_decay: ``λ``.
+    learning_rate: ``η``, a finite number ``>= 0`` or an optax schedule.
+    weight_decay: ``λ``, a finite number ``>= 0`` or an optax schedule.
     mask: which parameters are decayed.
     **others: as in :func:`scale_by_shampoo`.
   """
@@ -622,11 +675,12 @@ def adamw_shampoo(
   ``exponents``; other orders ``1/(2k)``. No grafting; roots from the first step on.
 
   Args:
-    learning_rate: ``η``, a number or an optax schedule.
+    learning_rate: ``η``, a finite number ``>= 0`` or an optax schedule.
     b1: EMA weight of the (bias-corrected) first moment ``M``.
     b2: EMA weight of the (bias-corrected) factors.
     eps: the ridge ``ε`` inside the roots.
-    weight_decay: ``λ`` (decoupled, its own transform).
+    weight_decay: ``λ``, a finite number ``>= 0`` or an optax schedule (decoupled, its own
+      transform).
     mask: which parameters are decayed.
     exponents: ``(a, b)`` for matrices (a pair, or a length-2 array to inject it); a warning is
       issued when ``a + b ≠ 1/2``.
@@ -655,6 +709,7 @@ def adamw_shampoo(
   """
   if isinstance(exponents, (tuple, list)) and len(exponents) != 2:
     raise ValueError(f"exponents must be a pair (a, b) for matrices, got {exponents!r}.")
+  check_frequency("precondition_frequency", precondition_frequency)
   if isinstance(exponents, (tuple, list)) and all(isinstance(e, (int, float)) for e in exponents):
     if abs(sum(exponents) - 0.5) > 1e-12:
       warnings.warn(
