@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -409,13 +410,18 @@ def _options():
   ]
 
 
+def _label(value):
+  """``repr`` without memory addresses, so that every xdist worker collects the same ids."""
+  return re.sub(r" at 0x[0-9a-f]+", "", repr(value))
+
+
 def _table_cases(table, overrides):
   cases = []
   for name, option in _options():
     if (name, option) in UNCHECKED:
       continue
     for value in overrides.get((name, option), table.get(option, ())):
-      cases.append(pytest.param(name, option, value, id=f"{name}-{option}={value!r}"))
+      cases.append(pytest.param(name, option, value, id=f"{name}-{option}={_label(value)}"))
   return cases
 
 
