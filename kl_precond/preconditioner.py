@@ -27,7 +27,7 @@ Refreshes happen at steps ``t`` with ``t % every == 0 and t > start`` or ``t == 
 A bucket's state may be sharded on its leading (block) axis (:mod:`kl_precond.sharding`); the
 ``vmap``ed refresh is then split across the devices. On a mesh with Explicit axes the update runs
 under ``jax.sharding.auto_axes`` and returns updates and state with their input shardings. There the
-shardings it was called with are read before the switch (:class:`Placement`; on any mesh,
+shardings it was called with are read before the switch (:class:`~kl_precond.placement.Placement`; on any mesh,
 :func:`kl_precond.sharding.jit_update` sets them) and, when the gradients are replicated, pin the
 stacks of blocks: each device slices its blocks of the gradient locally and the update is assembled
 by one all-gather per bucket. Left to XLA's propagation, the stacking became one all-to-all per
@@ -38,10 +38,7 @@ and 64 ms pinned.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -50,8 +47,13 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from kl_precond import layout as layout_lib
+from kl_precond import placement as placement_lib
 from kl_precond import tensor_ops
 from kl_precond._validation import check_bool, check_choice, check_layout, check_stage
+
+# The placement of the stacks of blocks lives in ``kl_precond.placement`` (which imports neither
+# this module nor ``kl_precond.sharding``); these names are also found here, as before.
+from kl_precond.placement import Placement, all_auto, is_replicated, placed
 
 
 class BucketState(NamedTuple):
@@ -292,43 +294,6 @@ def _within_range(
   return jnp.all(jnp.asarray(flags or [True]))
 
 
-@dataclasses.dataclass(frozen=True)
-class Placement:
-  """What the chassis knows of the shardings it is called with: read from the types on a mesh
-  with Explicit axes (:func:`on_auto_axes`), or given by :func:`placed` (as
-  :func:`kl_precond.sharding.jit_update` does, on any mesh).
-
-  Attributes:
-    mesh: the mesh, with every axis switched to Auto (as inside ``auto_axes``).
-    axis: the mesh axis (or axes) the buckets' leading axis is sharded on; ``None`` if no
-      bucket is sharded.
-    replicated: every incoming gradient leaf is replicated.
-  """
-
-  mesh: Any
-  axis: Any
-  replicated: bool
-
-  def blocks(self, stack: jax.Array) -> jax.sharding.NamedSharding | None:
-    """The sharding of a stack's blocks, as :func:`kl_precond.sharding.state_specs` gives the
-    state: split over ``axis`` when the number of blocks divides by its size; else ``None``."""
-    from kl_precond import sharding  # here: sharding imports this module
-
-    if self.axis is None:
-      return None
-    size = sharding.axis_size(self.mesh, self.axis)
-    spec = sharding.bucket_leaf_spec(stack.shape, size, self.axis)
-    return None if spec == P() else jax.sharding.NamedSharding(self.mesh, spec)
-
-  def replicated_sharding(self) -> jax.sharding.NamedSharding:
-    return jax.sharding.NamedSharding(self.mesh, P())
-
-
-_PLACEMENT: contextvars.ContextVar[Placement | None] = contextvars.ContextVar(
-  "kl_precond_placement", default=None
-)
-
-
 def block_axis(specs: Any) -> Any:
   """The mesh axis of the first bucket whose leading axis is sharded, or ``None``.
 
@@ -352,52 +317,6 @@ def _spec(x: Any) -> P:
   if isinstance(x, jax.sharding.NamedSharding):
     return x.spec
   return jax.typeof(x).sharding.spec
-
-
-def all_auto(mesh: Any) -> Any:
-  """``mesh`` with every axis Auto (what ``with_sharding_constraint`` takes inside
-  ``auto_axes``)."""
-  return mesh.update_axis_types({name: jax.sharding.AxisType.Auto for name in mesh.axis_names})
-
-
-def is_replicated(spec: P) -> bool:
-  """No axis of ``spec`` is sharded."""
-  return all(entry is None for entry in spec)
-
-
-@contextlib.contextmanager
-def placed(placement: Placement | None) -> Iterator[None]:
-  """Within this context (while tracing), the chassis places its stacks by ``placement``."""
-  token = _PLACEMENT.set(placement)
-  try:
-    yield
-  finally:
-    _PLACEMENT.reset(token)
-
-
-def _pin_gradients(grads: tuple[jax.Array, ...], placement: Placement | None) -> Any:
-  """Replicated gradients: each device takes its blocks of the stack locally."""
-  if placement is None or not placement.replicated:
-    return grads
-  pinned = []
-  for stack in grads:
-    blocks = placement.blocks(stack)
-    if blocks is not None:
-      stack = jax.lax.with_sharding_constraint(stack, placement.replicated_sharding())
-      stack = jax.lax.with_sharding_constraint(stack, blocks)
-    pinned.append(stack)
-  return tuple(pinned)
-
-
-def _pin_directions(directions: tuple[jax.Array, ...], placement: Placement | None) -> Any:
-  """Replicated gradients: the update is assembled by one all-gather per sharded bucket."""
-  if placement is None or not placement.replicated:
-    return directions
-  return tuple(
-    d if placement.blocks(d) is None
-    else jax.lax.with_sharding_constraint(d, placement.replicated_sharding())
-    for d in directions
-  )  # fmt: skip
 
 
 def _explicit_mesh(tree: Any) -> Any:
@@ -561,8 +480,8 @@ def scale_by_preconditioner(
   ) -> tuple[Any, PreconditionerState]:
     del params
     tree = layout_lib.tree_layout(updates, config)
-    placement = _PLACEMENT.get()
-    grads = _pin_gradients(layout_lib.gather(updates, tree), placement)
+    placement = placement_lib.current()
+    grads = placement_lib.pin_gradients(layout_lib.gather(updates, tree), placement)
     # ``t``: the step counter of the stages (bias corrections, refresh schedule).
     step = state.count if first_call == "init_only" else state.count + 1
 
@@ -592,7 +511,7 @@ def scale_by_preconditioner(
       return directions, PreconditionerState(count, skipped, failures, buckets)
 
     if nonfinite == "skip" and tensor_ops.narrower_than_float32(state.buckets):
-      # A float16 state: bounds on ‖G‖² would skip too much, so the new state is checked
+      # A 16-bit state: bounds on ‖G‖² would skip too much, so the new state is checked
       # instead (unless it was not finite before this call: then the basis stage's guard
       # handles it), and the old one is read only when the new one is not finite.
       new = accept(state)
@@ -622,7 +541,7 @@ def scale_by_preconditioner(
     else:
       new = accept(state)
     directions, state = new
-    updates = layout_lib.scatter(_pin_directions(directions, placement), tree)
+    updates = layout_lib.scatter(placement_lib.pin_directions(directions, placement), tree)
     if normalize_grads:
       updates = jax.tree.map(lambda u: u / (1e-30 + jnp.sqrt(jnp.mean(u**2))), updates)
     return updates, state

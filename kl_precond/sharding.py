@@ -50,7 +50,7 @@ Inside a training step of one's own, under ``jax.jit`` with these ``in_shardings
 
 **Placement of the stacks.** When the gradients are replicated the chassis has each device slice
 its own blocks of the gradient (no communication) and gathers each sharded bucket's update with
-one all-gather (:class:`kl_precond.preconditioner.Placement`). It learns the shardings from the
+one all-gather (:class:`kl_precond.placement.Placement`). It learns the shardings from the
 types it is called with on a mesh with Explicit axes (``jax.make_mesh``'s default), and from
 :func:`jit_update` on either kind; a step of one's own on an Auto mesh traces ``tx.update``
 inside ``with placed(placement_of(param_shardings, state_shardings)):``. Left to XLA, blocks
@@ -94,27 +94,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kl_precond import placement as placement_lib
 from kl_precond import preconditioner
+from kl_precond.placement import Axis, axis_size, bucket_leaf_spec, placed
 from kl_precond.preconditioner import PreconditionerState
-
-Axis = str | tuple[str, ...]
-
-
-def axis_size(mesh: Mesh, axis: Axis) -> int:
-  """Number of devices along a mesh axis name or tuple of names."""
-  names = (axis,) if isinstance(axis, str) else tuple(axis)
-  return math.prod(mesh.shape[name] for name in names)
-
-
-def _split_leading(ndim: int, axis: Axis) -> P:
-  return P(axis, *([None] * (ndim - 1)))
-
-
-def bucket_leaf_spec(shape: tuple[int, ...], size: int, axis: Axis) -> P:
-  """A bucket leaf is split on its block (leading) axis where that divides evenly by ``size``,
-  else replicated. The chassis places its stacks of blocks by the same rule
-  (:class:`~kl_precond.preconditioner.Placement`)."""
-  return _split_leading(len(shape), axis) if shape and shape[0] % size == 0 else P()
 
 
 def _bucket_specs(state: PreconditionerState, size: int, axis: Axis) -> PreconditionerState:
@@ -226,7 +209,7 @@ def fsdp_specs(params: Any, mesh: Mesh, axis: Axis = "data", *, min_size: int = 
   def spec(leaf: Any) -> P:
     shape = tuple(leaf.shape)
     if shape and shape[0] % size == 0 and math.prod(shape) >= min_size:
-      return _split_leading(len(shape), axis)
+      return placement_lib.split_leading(len(shape), axis)
     return P()
 
   return jax.tree.map(spec, params)
@@ -255,8 +238,8 @@ def with_auto_axes(tx: optax.GradientTransformation) -> optax.GradientTransforma
   return optax.GradientTransformation(tx.init, preconditioner.on_auto_axes(tx.update))
 
 
-def placement_of(param_shardings: Any, state_shardings: Any) -> preconditioner.Placement | None:
-  """The chassis' :class:`~kl_precond.preconditioner.Placement` for these shardings.
+def placement_of(param_shardings: Any, state_shardings: Any) -> placement_lib.Placement | None:
+  """The chassis' :class:`~kl_precond.placement.Placement` for these shardings.
 
   On an Explicit mesh the chassis reads it from the types it is called with; on an Auto mesh
   they carry no sharding, so a step of one's own that wants the same placement traces
@@ -277,16 +260,13 @@ def placement_of(param_shardings: Any, state_shardings: Any) -> preconditioner.P
     return None
   params = jax.tree.leaves(param_shardings)
   replicated = all(
-    isinstance(s, NamedSharding) and preconditioner.is_replicated(s.spec) for s in params
+    isinstance(s, NamedSharding) and placement_lib.is_replicated(s.spec) for s in params
   )
-  return preconditioner.Placement(
-    preconditioner.all_auto(named[0].mesh.abstract_mesh),
+  return placement_lib.Placement(
+    placement_lib.all_auto(named[0].mesh.abstract_mesh),
     preconditioner.block_axis(state_shardings),
     replicated,
   )
-
-
-placed = preconditioner.placed
 
 
 def jit_init(
@@ -324,7 +304,7 @@ def jit_update(
   placement = placement_of(param_shardings, state_shardings)
 
   def placed_update(updates: Any, state: Any, params: Any) -> Any:
-    with preconditioner.placed(placement):
+    with placed(placement):
       return update(updates, state, params)
 
   return jax.jit(
