@@ -117,14 +117,6 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
 
 
-def check_layout(name: str, value: Any) -> None:
-  """``value`` must be ``None`` or a :class:`kl_precond.LayoutConfig`."""
-  from kl_precond.layout import LayoutConfig
-
-  if value is not None and not isinstance(value, LayoutConfig):
-    raise ValueError(f"{name} must be None or a kl_precond.LayoutConfig, got {value!r}.")
-
-
 def check_stage(name: str, value: Any, methods: tuple[str, ...]) -> None:
   """``value`` must have the callable ``methods`` of its kind of stage (or transformation)."""
   missing = [m for m in methods if not callable(getattr(value, m, None))]

@@ -25,10 +25,9 @@ from kl_precond._validation import (
   check_beta,
   check_bool,
   check_frequency,
-  check_layout,
   check_nonnegative_or_schedule,
 )
-from kl_precond.layout import LayoutConfig
+from kl_precond.layout import LayoutConfig, check_layout
 
 
 def _layout(

@@ -28,7 +28,6 @@ from kl_precond._validation import (
   check_choice,
   check_dtype,
   check_integer,
-  check_layout,
   check_nonnegative,
   check_stage,
 )
@@ -90,7 +89,7 @@ def graft(
   """
   check_stage("direction", direction, ("init", "update"))
   check_stage("magnitude", magnitude, ("init", "update"))
-  check_layout("layout", layout)
+  layout_lib.check_layout("layout", layout)
   check_integer("start_preconditioning_step", start_preconditioning_step, 0)
   check_nonnegative("eps", eps)
   check_choice("nonfinite", nonfinite, ("skip", "propagate"))

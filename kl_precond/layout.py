@@ -72,6 +72,13 @@ class LayoutConfig:
     check_axes_per_order("unfactored_axes", self.unfactored_axes)
 
 
+def check_layout(name: str, value: Any) -> None:
+  """``value`` must be ``None`` or a :class:`kl_precond.LayoutConfig`. (Here, not in
+  ``_validation``, which this module imports: that keeps the imports one-way.)"""
+  if value is not None and not isinstance(value, LayoutConfig):
+    raise ValueError(f"{name} must be None or a kl_precond.LayoutConfig, got {value!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Block:
   """One block of a tensor in its working shape: where it starts, its shape, its factored axes."""

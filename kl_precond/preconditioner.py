@@ -49,7 +49,7 @@ from jax.sharding import PartitionSpec as P
 from kl_precond import layout as layout_lib
 from kl_precond import placement as placement_lib
 from kl_precond import tensor_ops
-from kl_precond._validation import check_bool, check_choice, check_layout, check_stage
+from kl_precond._validation import check_bool, check_choice, check_stage
 
 # The placement of the stacks of blocks lives in ``kl_precond.placement`` (which imports neither
 # this module nor ``kl_precond.sharding``); these names are also found here, as before.
@@ -410,7 +410,7 @@ def scale_by_preconditioner(
   check_stage("scaling", scaling, ("init", "update", "rotate"))
   if fallback is not None:
     check_stage("fallback", fallback, ("init", "update", "rotate"))
-  check_layout("layout", layout)
+  layout_lib.check_layout("layout", layout)
   check_choice("first_call", first_call, ("init_only", "precondition", "identity"))
   check_bool("statistics_first", statistics_first)
   check_bool("normalize_grads", normalize_grads)

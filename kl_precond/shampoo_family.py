@@ -32,11 +32,10 @@ from kl_precond._validation import (
   check_choice,
   check_frequency,
   check_integer,
-  check_layout,
   check_nonnegative,
 )
 from kl_precond.alias import _with_decay
-from kl_precond.layout import LayoutConfig
+from kl_precond.layout import LayoutConfig, check_layout
 
 
 def _checked_start(
