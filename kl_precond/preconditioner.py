@@ -27,19 +27,20 @@ Refreshes happen at steps ``t`` with ``t % every == 0 and t > start`` or ``t == 
 A bucket's state may be sharded on its leading (block) axis (:mod:`kl_precond.sharding`); the
 ``vmap``ed refresh is then split across the devices. On a mesh with Explicit axes the update runs
 under ``jax.sharding.auto_axes`` and returns updates and state with their input shardings. There the
-shardings it was called with are read before the switch (:class:`~kl_precond.placement.Placement`; on any mesh,
-:func:`kl_precond.sharding.jit_update` sets them) and, when the gradients are replicated, pin the
-stacks of blocks: each device slices its blocks of the gradient locally and the update is assembled
-by one all-gather per bucket. Left to XLA's propagation, the stacking became one all-to-all per
-tensor and the assembly a sum of zero-padded blocks (an all-reduce); in two processes joined by
-``jax.distributed`` (gloo, one core each) a refresh step of 16 blocks of 256² took 164 ms that way
-and 64 ms pinned.
+shardings it was called with are read before the switch (a
+:class:`~kl_precond.placement.Placement`; on any mesh, :func:`kl_precond.sharding.jit_update` sets
+them) and, when the gradients are replicated, pin the stacks of blocks: each device slices its
+blocks of the gradient locally and the update is assembled by one all-gather per bucket. Left to
+XLA's propagation, the stacking became one all-to-all per tensor and the assembly a sum of
+zero-padded blocks (an all-reduce); in two processes joined by ``jax.distributed`` (gloo, one core
+each) a refresh step of 16 blocks of 256² took 164 ms that way and 64 ms pinned.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,134 @@ from kl_precond._validation import check_bool, check_choice, check_stage
 # The placement of the stacks of blocks lives in ``kl_precond.placement`` (which imports neither
 # this module nor ``kl_precond.sharding``); these names are also found here, as before.
 from kl_precond.placement import Placement, all_auto, is_replicated, placed
+
+# The stages, as the chassis calls them: one block at a time (the chassis ``vmap``s every method
+# over a bucket's stacked blocks). Each stage has its own state type (``Any`` here); ``bases``
+# are per axis a (d, d) matrix or None, ``step`` a traced int32 scalar, ``hold`` and ``initial``
+# traced flags or None. The parameters are positional-only: the chassis passes them by position.
+# Members the chassis reads with ``getattr`` (a default when absent) are optional, so they are
+# not part of these protocols; each protocol's docstring lists them.
+
+
+class Estimator(Protocol):
+  """The factor statistics (:func:`kl_precond.frobenius`, :func:`kl_precond.kl`,
+  :func:`kl_precond.kl_roots`).
+
+  Optional (read with ``getattr``): ``seeds`` (default False; when true, the methods of
+  :class:`SeedingEstimator` are called) and ``eigenvalues_fixed_between_refreshes`` (default
+  False; a scaling with ``cache_roots=True`` needs it true).
+  """
+
+  def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any, /) -> Any: ...
+
+  def first(self, grad: jax.Array, state: Any, /) -> Any:
+    """The factors from the first gradient (called with ``first_call="precondition"``)."""
+    ...
+
+  def update(
+    self,
+    grad: jax.Array,
+    state: Any,
+    bases: Sequence[jax.Array | None],
+    initial: Any,
+    hold: Any,
+    eigenvalues: Any,
+    step: Any,
+    /,
+  ) -> Any:
+    """Folds the gradient into the factors (on the ``initial`` call, as ``first``)."""
+    ...
+
+  def factors(self, state: Any, step: Any, /) -> Any:
+    """The factors the basis stage decomposes."""
+    ...
+
+  def eigenvalues(self, state: Any, basis_state: Any, /) -> Any:
+    """The eigenvalue estimates in the current basis, per axis (or None)."""
+    ...
+
+  def gain(self, state: Any, basis_state: Any, /) -> Any:
+    """Bound on ``|entry| / ‖G‖²`` of what an update writes (called with
+    ``nonfinite="skip"``)."""
+    ...
+
+
+class SeedingEstimator(Estimator, Protocol):
+  """An estimator with ``seeds`` true: it sets its eigenvalue estimates from the first basis.
+  Optional: the chassis calls these methods only when ``getattr(estimator, "seeds", False)``."""
+
+  def seed(self, state: Any, bases: Any, /) -> Any: ...
+
+  def estimates(self, state: Any, /) -> Any:
+    """The part of the state ``seed`` sets."""
+    ...
+
+  def with_estimates(self, state: Any, estimates: Any, /) -> Any: ...
+
+
+class BasisStage(Protocol):
+  """The refresh policy (:func:`kl_precond.qr_every`, :func:`kl_precond.eigh_every`,
+  :func:`kl_precond.qr_algorithm_every`). Its state has ``bases`` and ``eigenvalues`` (per
+  axis).
+
+  Optional (read with ``getattr``): ``keep_bases`` (default True); when false, the chassis
+  calls ``stored(state)`` (the state kept between refreshes) after each decomposition.
+  """
+
+  @property
+  def every(self) -> Any:
+    """The refresh period ``T``."""
+    ...
+
+  @property
+  def start(self) -> Any:
+    """The step of the first refresh."""
+    ...
+
+  def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any, /) -> Any: ...
+
+  def first(self, factors: Any, state: Any, /) -> Any:
+    """The first basis (an eigendecomposition)."""
+    ...
+
+  def refresh(self, factors: Any, state: Any, /) -> tuple[Any, Any, Any]:
+    """A periodic refresh: the new state, per-axis permutations (or None) and a failure flag."""
+    ...
+
+
+class ScalingStage(Protocol):
+  """What is done in the eigenbasis (:func:`kl_precond.adam`,
+  :func:`kl_precond.kronecker_eigenvalues`, :func:`kl_precond.eigenvalue_corrected`).
+
+  Optional (read with ``getattr``): ``cache_roots`` (default False).
+  """
+
+  def init(self, shape: Sequence[int], mask: Sequence[bool], dtype: Any, /) -> Any: ...
+
+  def update(
+    self,
+    grad: jax.Array,
+    state: Any,
+    bases: Sequence[jax.Array | None],
+    eigenvalues: Any,
+    step: Any,
+    hold: Any,
+    /,
+  ) -> tuple[jax.Array, Any]:
+    """The direction and the new state."""
+    ...
+
+  def rotate(
+    self,
+    state: Any,
+    old_bases: Sequence[jax.Array | None],
+    new_bases: Sequence[jax.Array | None],
+    permutations: Sequence[Any],
+    eigenvalues: Any,
+    /,
+  ) -> Any:
+    """Re-expresses the state after a basis change."""
+    ...
 
 
 class BucketState(NamedTuple):
@@ -75,12 +204,12 @@ class PreconditionerState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _Stages:
-  estimator: Any
-  basis: Any
-  scaling: Any
-  fallback: Any
+  estimator: Estimator
+  basis: BasisStage
+  scaling: ScalingStage
+  fallback: ScalingStage | None
 
-  def scaling_for(self, bucket: layout_lib.Bucket) -> Any:
+  def scaling_for(self, bucket: layout_lib.Bucket) -> ScalingStage:
     if self.fallback is not None and not any(bucket.preconditioned):
       return self.fallback
     return self.scaling
@@ -116,7 +245,7 @@ def _first(
   factors = tensor_ops.after(factors, after)
   basis = jax.vmap(stages.basis.first)(factors, state.basis)
   if _seeds(stages):
-    estimator = jax.vmap(stages.estimator.seed)(estimator, basis.bases)
+    estimator = jax.vmap(_seeder(stages).seed)(estimator, basis.bases)
   scaling = _rotate(
     stages, stages.scaling_for(bucket), estimator, state.scaling, state.basis, basis, None
   )
@@ -130,6 +259,11 @@ def _seeds(stages: _Stages) -> bool:
   return bool(getattr(stages.estimator, "seeds", False))
 
 
+def _seeder(stages: _Stages) -> SeedingEstimator:
+  """The estimator as a :class:`SeedingEstimator` (only where :func:`_seeds` is true)."""
+  return cast(SeedingEstimator, stages.estimator)
+
+
 def _select(flag: Any, old: Any, new: Any) -> Any:
   """``old`` where the traced flag is set, else ``new``, leaf by leaf."""
   if flag is None:
@@ -139,7 +273,7 @@ def _select(flag: Any, old: Any, new: Any) -> Any:
 
 def _rotate(
   stages: _Stages,
-  scaling: Any,
+  scaling: ScalingStage,
   estimator: Any,
   scaling_state: Any,
   old: Any,
@@ -165,7 +299,9 @@ def _settle(stages: _Stages, new: Any, rotated: Any, old_scaling: Any) -> tuple[
   def keep_failed(n: jax.Array, o: jax.Array) -> jax.Array:
     return jnp.where(failed.reshape(failed.shape + (1,) * (n.ndim - 1)), o, n)
 
-  return stages.basis.stored(new), jax.tree.map(keep_failed, rotated, old_scaling)
+  # ``stored`` is optional (BasisStage): only a stage with ``keep_bases=False`` has it.
+  stored = cast(Any, stages.basis).stored(new)
+  return stored, jax.tree.map(keep_failed, rotated, old_scaling)
 
 
 def _direction(
@@ -229,7 +365,7 @@ def _statistics(
   seeding = _seeds(stages)
 
   def estimates(estimator: Any) -> Any:
-    return stages.estimator.estimates(estimator) if seeding else ()
+    return _seeder(stages).estimates(estimator) if seeding else ()
 
   # The branches return only what a refresh changes: state passed through a conditional is
   # copied on every call, so the (read-only) factors are not.
@@ -251,7 +387,7 @@ def _statistics(
   def build(estimator: Any, basis: Any, scaling_state: Any) -> Branch:
     new = jax.vmap(stages.basis.first)(factors(estimator), basis)
     if seeding:  # only its estimates leave the branch (see ``estimator.seed``)
-      estimator = jax.vmap(stages.estimator.seed)(estimator, new.bases)
+      estimator = jax.vmap(_seeder(stages).seed)(estimator, new.bases)
     rotated = _rotate(stages, scaling, estimator, scaling_state, basis, new, None)
     new, rotated = _settle(stages, new, rotated, scaling_state)
     return new, rotated, jnp.zeros((), jnp.int32), estimates(estimator)
@@ -270,7 +406,7 @@ def _statistics(
     branches = (keep, refresh, build)
     basis, scaling_state, failed, values = jax.lax.switch(index, branches, *operands)
   if seeding:
-    state = state._replace(estimator=stages.estimator.with_estimates(state.estimator, values))
+    state = state._replace(estimator=_seeder(stages).with_estimates(state.estimator, values))
   return state._replace(basis=basis, scaling=scaling_state), failed
 
 
@@ -363,12 +499,12 @@ def on_auto_axes(update_fn: Any) -> Any:
 
 
 def scale_by_preconditioner(
-  estimator: Any,
-  basis: Any,
-  scaling: Any,
+  estimator: Estimator,
+  basis: BasisStage,
+  scaling: ScalingStage,
   *,
   layout: layout_lib.LayoutConfig | None = None,
-  fallback: Any = None,
+  fallback: ScalingStage | None = None,
   first_call: str = "init_only",
   statistics_first: bool = False,
   normalize_grads: bool = False,
@@ -381,12 +517,13 @@ def scale_by_preconditioner(
   bias_correction=False))``.
 
   Args:
-    estimator: the factor statistics, :func:`kl_precond.frobenius`, :func:`kl_precond.kl` or
-      :func:`kl_precond.kl_roots`.
-    basis: the refresh policy, :func:`kl_precond.qr_every`, :func:`kl_precond.eigh_every` or
-      :func:`kl_precond.qr_algorithm_every`.
-    scaling: what is done in the eigenbasis, :func:`kl_precond.adam`,
-      :func:`kl_precond.kronecker_eigenvalues` or :func:`kl_precond.eigenvalue_corrected`.
+    estimator: the factor statistics (an :class:`Estimator`), :func:`kl_precond.frobenius`,
+      :func:`kl_precond.kl` or :func:`kl_precond.kl_roots`.
+    basis: the refresh policy (a :class:`BasisStage`), :func:`kl_precond.qr_every`,
+      :func:`kl_precond.eigh_every` or :func:`kl_precond.qr_algorithm_every`.
+    scaling: what is done in the eigenbasis (a :class:`ScalingStage`),
+      :func:`kl_precond.adam`, :func:`kl_precond.kronecker_eigenvalues` or
+      :func:`kl_precond.eigenvalue_corrected`.
     layout: the static block layout (:class:`kl_precond.LayoutConfig`).
     fallback: scaling for blocks with no factor at all (0-/1-D tensors); default ``scaling``.
     first_call: ``"init_only"``, ``"precondition"`` or ``"identity"`` (module docstring).
