@@ -96,7 +96,8 @@ def _range_limit(tree: Any) -> float:
 
 
 def narrower_than_float32(tree: Any) -> bool:
-  """Whether a floating leaf of ``tree`` has less range than float32 (float16; static)."""
+  """Whether a floating leaf of ``tree`` has less range than float32 (static): float16, and
+  also bfloat16, whose largest finite value (3.39e38) is just below float32's (3.40e38)."""
   return _range_limit(tree) < float(jnp.finfo(jnp.float32).max)
 
 

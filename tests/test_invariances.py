@@ -308,6 +308,27 @@ def test_layout_rules():
   assert last.work_shape == (2, 5, 3, 3)
 
 
+def test_layout_boundaries_are_inclusive():
+  # Upstream SOAP's rules: merge while the product is <= max_dim; an axis of exactly
+  # max_precond_dim gets a factor (and, with blocking, is one block).
+  assert layout_lib.merge_dims((4, 6), 24) == (24,)
+  assert layout_lib.merge_dims((4, 6, 2), 24) == (24, 2)
+  assert layout_lib.merge_dims((4, 6), 23) == (4, 6)
+  assert layout_lib.tensor_layout((6, 5), kp.LayoutConfig(6)).blocks[0].preconditioned == (
+    True,
+    True,
+  )
+  assert layout_lib.tensor_layout((6, 5), kp.LayoutConfig(5)).blocks[0].preconditioned == (
+    False,
+    True,
+  )
+  blocked = layout_lib.tensor_layout((6, 5), kp.LayoutConfig(6, blocking=True))
+  assert [b.shape for b in blocked.blocks] == [(6, 5)]
+  merged = layout_lib.tensor_layout((4, 6, 2), kp.LayoutConfig(24, merge_small_dims=True))
+  assert merged.work_shape == (24, 2)
+  assert merged.blocks[0].preconditioned == (True, True)
+
+
 @pytest.mark.parametrize("shape", [(7, 3), (2, 3, 4, 5), (1, 9), ()])
 @pytest.mark.parametrize(
   "cfg",

@@ -73,6 +73,32 @@ def test_soap_identity_axis_and_no_bias_correction_match_numpy():
   _assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize(
+  ("shape", "max_dim", "merge", "work", "factored"),
+  [((6, 5), 6, False, (6, 5), None), ((2, 3, 10), 6, True, (6, 10), [True, False])],
+)
+def test_soap_at_max_precond_dim_matches_numpy(shape, max_dim, merge, work, factored):
+  # An axis (or merged product: 2·3 = 6) of exactly max_precond_dim is rotated, as upstream SOAP
+  # does; the 10-axis is longer and is not. (Factors of full rank from the first call, up to a
+  # one-dimensional null space, whose basis is unique up to a sign that Adam does not see.)
+  grads = _stream(shape, 7, seed=4)
+  tx = kp.scale_by_soap(
+    0.9, 0.95, 1e-8, precondition_frequency=3, max_precond_dim=max_dim, merge_small_dims=merge
+  )
+  ours, _ = _run(tx, grads)
+  theirs = ref.soap_reference(
+    [g.reshape(work) for g in grads],
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    beta=0.95,
+    every=3,
+    sort=True,
+    factored=factored,
+  )
+  _assert_close(ours, [t.reshape(shape) for t in theirs])
+
+
 def test_soap_1d_is_adam_after_the_first_call():
   grads = _stream((7,), 6, seed=2)
   ours, _ = _run(kp.scale_by_soap(0.9, 0.99, 1e-8), grads)
@@ -302,3 +328,34 @@ def test_kronecker_scaling_inside_matches_matrix_roots():
     return q @ np.diag((w + 1e-3) ** -0.25) @ q.T
 
   np.testing.assert_allclose(u, root(left, wl, ql) @ g @ root(right, wr, qr), rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["soap", "kl_shampoo"])
+def test_normalize_grads_divides_each_tensor_by_its_own_rms(name):
+  # SOAP's option: ``u / (1e-30 + mean(u²)^½)`` per tensor, written here from its definition.
+  factory = {"soap": kp.scale_by_soap, "kl_shampoo": kp.scale_by_kl_shampoo}[name]
+  rng = np.random.default_rng(12)
+  params = {"w": jnp.zeros((6, 5)), "v": jnp.zeros((3, 4))}
+  stream = [
+    {
+      "w": jnp.asarray(rng.standard_normal((6, 5))),
+      "v": jnp.asarray(5 * rng.standard_normal((3, 4))),
+    }
+    for _ in range(7)
+  ]
+
+  def run(normalize):
+    tx = factory(0.9, 0.95, 1e-8, precondition_frequency=3, normalize_grads=normalize)
+    state, update, out = tx.init(params), jax.jit(tx.update), []
+    for g in stream:
+      u, state = update(g, state)
+      out.append({k: np.asarray(x) for k, x in u.items()})
+    return out
+
+  plain, normalized = run(False), run(True)
+  rms = [np.sqrt(np.mean(u[k] ** 2)) for u in plain for k in u]
+  assert max(abs(r - 1) for r in rms) > 0.5  # the option has something to do
+  for t, (ours, raw) in enumerate(zip(normalized, plain, strict=True)):
+    for key in raw:
+      expected = raw[key] / (1e-30 + np.sqrt(np.mean(raw[key] ** 2)))
+      np.testing.assert_allclose(ours[key], expected, rtol=1e-12, atol=0, err_msg=f"{t} {key}")
