@@ -536,7 +536,7 @@ def _injector(
     return lambda state, call: state
   tree = layout_lib.tree_layout(params, rule.layout)
   leaf_index = {name: i for i, name in enumerate(sorted(names))}
-  prefix = ("q_linalg64" if x64 else "q") if inject == "all" else ("q0_linalg64" if x64 else "q0")
+  prefix = _basis_prefix(arrays, inject, x64)
 
   def inject_fn(state: Any, call: int) -> Any:
     if inject == "q0" and call != 0:
@@ -548,18 +548,19 @@ def _injector(
   def inject_node(state: Any, call: int) -> Any:
     buckets = list(state.buckets)
     for name in names:
-      bucket_id, row = tree.where[leaf_index[name]][0]
-      bases = list(buckets[bucket_id].basis.bases)
-      for axis in range(len(bases)):
-        key = f"{prefix}/{name}/{axis}"
-        # A basis stage that stores no bases (Shampoo's cached roots, ``keep_bases=False``) has
-        # one-element placeholders (blocks, 1): nothing to overwrite, and its roots do not depend on the choice
-        # of eigenvectors within an eigenspace anyway.
-        if key in arrays and bases[axis] is not None and bases[axis].ndim == 3:
-          value = arrays[key] if inject == "q0" else arrays[key][call]
-          bases[axis] = bases[axis].at[row].set(jnp.asarray(value, bases[axis].dtype))
-      basis = buckets[bucket_id].basis._replace(bases=tuple(bases))
-      buckets[bucket_id] = buckets[bucket_id]._replace(basis=basis)
+      rows = tree.where[leaf_index[name]]
+      for block, (bucket_id, row) in enumerate(rows):
+        bases = list(buckets[bucket_id].basis.bases)
+        for axis in range(len(bases)):
+          key = _basis_key(arrays, prefix, name, block, axis, len(rows))
+          # A basis stage that stores no bases (Shampoo's cached roots, ``keep_bases=False``)
+          # has one-element placeholders (blocks, 1): nothing to overwrite, and its roots do not
+          # depend on the choice of eigenvectors within an eigenspace anyway.
+          if key is not None and bases[axis] is not None and bases[axis].ndim == 3:
+            value = arrays[key] if inject == "q0" else arrays[key][call]
+            bases[axis] = bases[axis].at[row].set(jnp.asarray(value, bases[axis].dtype))
+        basis = buckets[bucket_id].basis._replace(bases=tuple(bases))
+        buckets[bucket_id] = buckets[bucket_id]._replace(basis=basis)
     return state._replace(buckets=tuple(buckets))
 
   return inject_fn
@@ -678,13 +679,56 @@ def relative_errors(ours: np.ndarray, reference: np.ndarray) -> float:
 _X64_REFERENCES = ("params_linalg64", "params_default64", "params")
 
 
-def _fully_injected(arrays: dict[str, np.ndarray], name: str, inject: str) -> bool:
-  """Does the file store an injectable basis for every factor of this tensor?"""
+def _basis_prefix(arrays: dict[str, np.ndarray], inject: str, x64: bool) -> str:
+  """The key prefix of the reference's bases that ``inject`` reads: the first basis (``q0``) or
+  every call's (``q``), from the float64 reference (``_linalg64``, or Distributed Shampoo's
+  ``_default64``) when replaying in float64."""
+  stem = "q0" if inject == "q0" else "q"
+  if not x64:
+    return stem
+  wide = f"{stem}_linalg64"
+  if not any(key.startswith(wide + "/") for key in arrays):
+    wide = f"{stem}_default64"
+  return wide
+
+
+def _basis_key(
+  arrays: dict[str, np.ndarray], prefix: str, name: str, block: int, axis: int, blocks: int
+) -> str | None:
+  """The file's key of the basis of ``axis`` of ``block``: ``prefix/name/block/axis``
+  (Distributed Shampoo's blocks), or ``prefix/name/axis`` for an unblocked tensor; None if the
+  file does not store it."""
+  keys = [f"{prefix}/{name}/{block}/{axis}"] + ([f"{prefix}/{name}/{axis}"] if blocks == 1 else [])
+  return next((key for key in keys if key in arrays), None)
+
+
+def _fully_injected(
+  arrays: dict[str, np.ndarray], name: str, inject: str, rule: Recipe | None = None
+) -> bool:
+  """Does the file store an injectable basis for every factor of this tensor (every factored
+  axis of every block of ``rule``'s layout; without a rule, every axis of one block)?"""
   if inject == "none":
     return False
-  prefix = "q0_linalg64" if inject == "q0" else "q_linalg64"
+  prefix = _basis_prefix(arrays, inject, True)
   shape = arrays[f"init/{name}"].shape
-  return all(f"{prefix}/{name}/{axis}" in arrays for axis in range(len(shape)))
+  if rule is None or rule.layout is None:
+    return all(_basis_key(arrays, prefix, name, 0, a, 1) for a in range(len(shape)))
+  blocks = layout_lib.tensor_layout(shape, rule.layout).blocks
+  return all(
+    _basis_key(arrays, prefix, name, index, axis, len(blocks)) is not None
+    for index, block in enumerate(blocks)
+    for axis, factored in enumerate(block.preconditioned)
+    if factored
+  )
+
+
+def injection_for(path: str | pathlib.Path, name: str) -> str | None:
+  """``"q0"`` when the file stores the reference's first basis for every factor of tensor
+  ``name`` (injecting it makes a tensor whose first factors are rank-deficient replayable),
+  else None. (Every call's bases, ``"all"``, are not offered: replacing a basis after a
+  refresh leaves the moments kept in the previous one behind.)"""
+  arrays, sidecar = _load(path)
+  return "q0" if _fully_injected(arrays, name, "q0", recipe(sidecar)) else None
 
 
 def check(path: str | pathlib.Path, *, inject: str = "none") -> dict[str, dict[str, Any]]:
@@ -713,7 +757,7 @@ def check(path: str | pathlib.Path, *, inject: str = "none") -> dict[str, dict[s
       "error_x64": err64,
       "error_f32_vs_params": err32,
       "passed": passed,
-      "judged": posed[name] or _fully_injected(arrays, name, inject),
+      "judged": posed[name] or _fully_injected(arrays, name, inject, rule),
       "finite": bool(np.all(np.isfinite(trajectory))),
     }
   return records
@@ -778,7 +822,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 1 if failed else (3 if unsupported else 0)
 
 
-__all__ = ["Unsupported", "check", "main", "recipe", "relative_errors", "replay", "well_posed"]
+__all__ = [
+  "Unsupported",
+  "check",
+  "injection_for",
+  "main",
+  "recipe",
+  "relative_errors",
+  "replay",
+  "well_posed",
+]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Replays of the authors' golden trajectories (shared/golden) through ``kl_precond.parity``.
 
 The folder comes from ``KL_PRECOND_GOLDEN_DIR`` (default ``../shared/golden`` beside the repo).
-Under CI (``CI=true``) a missing folder fails; elsewhere these tests skip with the reason.
+Under CI (``CI`` set to ``true``, ``1`` or ``yes``; ``.ci/run`` sets it) a missing folder fails;
+elsewhere these tests skip with the reason (and ``tests/conftest.py`` fails any skip under CI).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from kl_precond import parity
+from tests import under_ci
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = pathlib.Path(os.environ.get("KL_PRECOND_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
@@ -25,7 +27,7 @@ IMPLEMENTED = {"SOAP", "KLOpt", "AdamWBF16", "distributed_shampoo.DistributedSha
 
 def _golden_files() -> list[pathlib.Path]:
   if not GOLDEN.is_dir():
-    if os.environ.get("CI", "").lower() == "true":
+    if under_ci():
       pytest.fail(f"golden folder {GOLDEN} is missing under CI")
     pytest.skip(f"golden folder {GOLDEN} not found (set KL_PRECOND_GOLDEN_DIR)")
   files = []
@@ -76,6 +78,50 @@ def test_every_golden_file_replays_within_tolerance(golden_records):
       if record["judged"]:
         assert record["error_x64"] <= record["tolerance_x64"], (path.name, name, record)
         assert record["error_f32_vs_params"] <= parity.TOLERANCE_F32, (path.name, name, record)
+
+
+# Ill-posed tensors: a Kronecker factor is rank-deficient when its first basis is computed, so the
+# basis is arbitrary in the null space and the trajectory depends on that choice.
+# * Where the file stores the reference's first basis for every factor, it is injected and the
+#   replay is judged with the usual tolerances.
+# * Where it stores none (Distributed Shampoo's inverse roots, which do not depend on the choice
+#   of eigenvectors), the float64 replay is bounded loosely: rounding in a zero eigenvalue is
+#   amplified by the ridge eps=1e-12 (measured at most 1.2e-4 of the displacement on the shared
+#   files; a planted bug in Shampoo's grafting moved one such tensor to 0.56).
+# * Where it stores other bases only (every call's, or some factors'), nothing is bounded: such
+#   tensors are reported, and listed by the test's output.
+LOOSE_X64 = 1e-3
+
+
+def test_ill_posed_tensors_are_bounded(golden_files, golden_records):
+  partial = []
+  for path in golden_files:
+    records = golden_records[path]
+    if "unsupported" in records:
+      continue
+    modes: dict[str, list[str]] = {}
+    with np.load(path) as z:
+      keys = z.files
+    for name, record in records.items():
+      if record["judged"]:
+        continue
+      mode = parity.injection_for(path, name)
+      if mode is not None:
+        modes.setdefault(mode, []).append(name)
+      elif any(k.startswith("q") and f"/{name}/" in k for k in keys):
+        partial.append(f"{path.name}/{name}")
+      else:
+        assert record["error_x64"] <= LOOSE_X64, (path.name, name, record)
+    for mode, names in modes.items():
+      injected = parity.check(path, inject=mode)
+      for name in names:
+        assert injected[name]["judged"] and injected[name]["passed"], (
+          path.name,
+          name,
+          mode,
+          injected[name],
+        )
+  print("ill-posed, not bounded (no first basis stored for every factor):", partial)
 
 
 def test_well_posedness_matches_the_sidecar(golden_files, golden_records):

@@ -19,7 +19,6 @@ Large batched decompositions under ``lax.cond`` can hang on more fake devices th
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from typing import Any
@@ -61,10 +60,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
   "eigenvalue_corrected_shampoo": {"eps": 1e-6, "precondition_1d": False},
 }
 AXIS_TYPES = (AxisType.Explicit, AxisType.Auto)
-HAS_PADDING = "bucket_multiple" in {f.name for f in dataclasses.fields(kp.LayoutConfig)}
-NEEDS_PATCH = pytest.mark.skipif(
-  not HAS_PADDING, reason="needs the core change of /work/patches/sharding.diff"
-)
 
 
 def _params() -> dict[str, Any]:
@@ -86,9 +81,7 @@ def _grads(params: Any, step: int) -> Any:
 
 
 def _optimizer(name: str, layout: Any = None) -> optax.GradientTransformation:
-  factory = getattr(kp, name, None)
-  if factory is None:
-    pytest.skip(f"kp.{name} is not in this version of kl_precond")
+  factory = getattr(kp, name)
   kwargs = dict(SETTINGS.get(name, {}))
   if layout is not None:
     kwargs["layout"] = layout
@@ -182,7 +175,9 @@ def test_sharded_equals_single_device(name: str, axis_type: AxisType, fsdp: bool
     update, jax.device_put(_grads(params, 0), param_shardings), state, params
   )
   if not fsdp:
-    _assert_stacks_split_locally(compiled)
+    sizes = [jax.tree.leaves(bucket)[0].shape[0] for bucket in preconditioner.buckets]
+    sharded = sum(size % DEVICES == 0 for size in sizes)
+    _assert_stacks_split_locally(compiled, sharded)
 
 
 def _assert_compiled_step(update: Any, grads: Any, state: Any, params: Any) -> str:
@@ -200,7 +195,7 @@ def _assert_compiled_step(update: Any, grads: Any, state: Any, params: Any) -> s
   return compiled
 
 
-def _assert_stacks_split_locally(compiled: str) -> None:
+def _assert_stacks_split_locally(compiled: str, sharded_buckets: int | None = None) -> None:
   """With replicated parameters the chassis pins its stacks (``preconditioner.Placement``,
   read from the types on an Explicit mesh, set by ``jit_update`` on either): each device slices
   its blocks of the gradient (no all-to-all, no collective-permute) and each sharded bucket's
@@ -209,7 +204,10 @@ def _assert_stacks_split_locally(compiled: str) -> None:
   collectives = _collectives(compiled)
   kinds = [kind for _, kind in collectives]
   assert "all-to-all" not in kinds and "collective-permute" not in kinds, kinds
-  assert "all-gather" in kinds, kinds
+  if sharded_buckets is None:
+    assert "all-gather" in kinds, kinds
+  else:
+    assert kinds.count("all-gather") == sharded_buckets >= 1, collectives
   reduced = [shape for shape, kind in collectives if kind == "all-reduce"]
   ranks = [dims.count(",") + 1 for shape in reduced for dims in re.findall(r"\[([0-9,]+)\]", shape)]
   assert reduced and max(ranks, default=0) <= 1, reduced  # no blocks (rank >= 2)
@@ -344,7 +342,6 @@ def test_with_auto_axes_keeps_explicit_types_in_a_jitted_step() -> None:
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
 
 
-@NEEDS_PATCH
 @pytest.mark.parametrize("name", ["soap", "kl_shampoo"])
 def test_padded_buckets_are_split_and_change_nothing(name: str) -> None:
   """``bucket_multiple=8`` pads the 3-block and 1-block buckets to 8 rows of zeros."""
@@ -371,7 +368,6 @@ def test_padded_buckets_are_split_and_change_nothing(name: str) -> None:
       )
 
 
-@NEEDS_PATCH
 @pytest.mark.parametrize("fsdp", [False, True], ids=["replicated_params", "fsdp_params"])
 def test_plain_jit_update_on_an_explicit_mesh(fsdp: bool) -> None:
   """The chassis itself works on Explicit meshes: no ``with_auto_axes`` needed."""
