@@ -216,23 +216,28 @@ def test_peers_specs_and_equal_settings():
 
 @pytest.mark.parametrize("method", ["soap", "kl_soap", "kl_shampoo", "shampoo", "adamw_shampoo"])
 def test_make_optimizer_blocks_split_every_method_into_blocks(method):
-  """``blocks=True`` gives every method 256×256 factors on a 1024×512 matrix; without it SOAP and
-  the KL methods leave both axes unrotated (no factor at all), the Shampoo variants block."""
+  """``blocks=True`` gives every method 256×256 factors on a 1024×512 matrix (8 blocks, two
+  factors each); without it SOAP and the KL methods leave both axes unrotated (no factor at all),
+  the Shampoo variants block. Factors are read from the estimators' states (the blocked Adam
+  moments are square too)."""
   import jax
   import jax.numpy as jnp
 
+  import kl_precond as kp
   from benchmarks import models
 
   params = {"w": jnp.zeros((1024, 512))}
 
   def factor_shapes(tx):
-    leaves = jax.tree.leaves(tx.init(params))
-    return {x.shape[-2:] for x in leaves if x.ndim >= 2 and x.shape[-1] == x.shape[-2]}
+    is_node = lambda n: isinstance(n, (kp.FrobeniusState, kp.KLState))  # noqa: E731
+    state = jax.eval_shape(tx.init, params)
+    nodes = [n for n in jax.tree.leaves(state, is_leaf=is_node) if is_node(n)]
+    return sorted(f.shape for n in nodes for f in n.factors if f is not None)
 
   blocked = factor_shapes(models.make_optimizer(method, 10, 256, blocks=True))
-  assert blocked == {(256, 256)}
+  assert blocked == [(8, 256, 256), (8, 256, 256)]
   plain = factor_shapes(models.make_optimizer(method, 10, 256))
-  assert plain == ({(256, 256)} if method in models.BLOCKING_BY_DEFAULT else set())
+  assert plain == (blocked if method in models.BLOCKING_BY_DEFAULT else [])
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "adamw"])

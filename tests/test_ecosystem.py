@@ -83,7 +83,8 @@ def _nonzero(tree):
 _COMMON = {"b1": (0.8, 0.85), "b2": (0.9, 0.97), "eps": (1e-6, 1e-7), "weight_decay": (0.1, 0.05)}
 _KL = {
   "shampoo_beta": (0.9, 0.8),
-  "init_factor": (0.5, 0.5),  # read at init only (the first eigenvalue estimate)
+  # Read at init only, and only by eigenvalue_init="constant" (see the test below).
+  "init_factor": (0.5, 0.5),
   "max_clamp_value": (20.0, 50.0),
   "damping": (1e-3, 1e-2),
 }
@@ -143,13 +144,46 @@ def test_every_numeric_hyperparameter_is_injectable(name):
   assert _nonzero(expected[-1])
 
 
+def _differs(a, b, rtol=1e-3):
+  return any(
+    not np.allclose(x, y, rtol=rtol, atol=rtol * float(np.max(np.abs(y)) or 1.0))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
+
+
 def test_start_preconditioning_step_can_be_given_under_inject_hyperparams():
   assert "start_preconditioning_step" in kp.static_hyperparams(kp.shampoo)
+  options = dict(precondition_frequency=2, eps=1e-3)
   tx = optax.inject_hyperparams(kp.shampoo, static_args=kp.static_hyperparams(kp.shampoo))(
-    learning_rate=1e-2, precondition_frequency=2, start_preconditioning_step=3
+    learning_rate=1e-2, start_preconditioning_step=3, **options
   )
-  updates, _ = _run(tx, _grads(4))
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(updates))
+  grads = _grads(5)
+  injected, _ = _run(tx, grads)
+  expected, _ = _run(kp.shampoo(1e-2, start_preconditioning_step=3, **options), grads)
+  other, _ = _run(kp.shampoo(1e-2, start_preconditioning_step=1, **options), grads)
+  for ours, theirs in zip(injected, expected, strict=True):
+    _assert_close(ours, theirs)
+  # Calls 1 and 2 are grafting alone under start=3, preconditioned under start=1.
+  assert _differs(expected[1], other[1])
+
+
+@pytest.mark.parametrize("name", ["kl_soap", "kl_shampoo"])
+def test_init_factor_is_read_at_init_under_inject_hyperparams(name):
+  # With the authors' constant start, init_factor is the first eigenvalue estimate: a value
+  # given to inject_hyperparams reaches init (a later write to state.hyperparams cannot: it is
+  # read once).
+  factory = METHODS[name]
+  options = dict(precondition_frequency=2, eigenvalue_init="constant", clamp="absolute")
+  tx = optax.inject_hyperparams(factory, static_args=kp.STATIC_HYPERPARAMS)(
+    learning_rate=1e-2, init_factor=0.5, **options
+  )
+  grads = _grads(5)
+  injected, _ = _run(tx, grads)
+  expected, _ = _run(factory(1e-2, init_factor=0.5, **options), grads)
+  default, _ = _run(factory(1e-2, **options), grads)
+  for ours, theirs in zip(injected, expected, strict=True):
+    _assert_close(ours, theirs)
+  assert _differs(expected[-1], default[-1])
 
 
 # optax.MultiSteps, optax.masked, optax.partition -------------------------------------------------

@@ -47,15 +47,33 @@ PROFILE = settings(
 # Pytrees -----------------------------------------------------------------------------------------
 
 _SIZES = st.sampled_from([1, 2, 3, 5, 8])
-_SHAPES = st.lists(_SIZES, max_size=4).map(tuple).filter(lambda s: math.prod(s) <= 96)
-_LEAVES = st.tuples(_SHAPES, st.sampled_from(["float32", "bfloat16"]))
+_DTYPES = st.sampled_from(["float32", "bfloat16"])
+
+
+def _shapes(orders, sizes=_SIZES):
+  """Shapes of an order drawn from ``orders`` (so 0-D leaves are as rare as the list makes
+  them), at most 96 elements."""
+  return (
+    st.sampled_from(orders)
+    .flatmap(lambda n: st.lists(sizes, min_size=n, max_size=n))
+    .map(tuple)
+    .filter(lambda s: math.prod(s) <= 96)
+  )
+
+
+_LEAVES = st.tuples(_shapes([0, 1, 2, 2, 3, 3, 4]), _DTYPES)
+# Every tree has a 3-D or 4-D leaf whose axes are all short enough for a factor (<= 6).
+_HIGH_ORDER = st.tuples(_shapes([3, 4], st.sampled_from([2, 3, 5])), _DTYPES)
 _KEYS = st.sampled_from(["a", "b", "c"])
-_TREES = st.dictionaries(
-  _KEYS,
-  st.one_of(_LEAVES, st.dictionaries(_KEYS, _LEAVES, min_size=1, max_size=2)),
-  min_size=1,
-  max_size=3,
-)
+_TREES = st.tuples(
+  _HIGH_ORDER,
+  st.dictionaries(
+    _KEYS,
+    st.one_of(_LEAVES, st.dictionaries(_KEYS, _LEAVES, min_size=1, max_size=2)),
+    min_size=0,
+    max_size=3,
+  ),
+).map(lambda parts: {"high": parts[0], **parts[1]})
 
 
 def _params(spec):
