@@ -71,7 +71,7 @@ _TREES = st.tuples(
     _KEYS,
     st.one_of(_LEAVES, st.dictionaries(_KEYS, _LEAVES, min_size=1, max_size=2)),
     min_size=0,
-    max_size=3,
+    max_size=2,
   ),
 ).map(lambda parts: {"high": parts[0], **parts[1]})
 
