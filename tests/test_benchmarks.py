@@ -77,6 +77,7 @@ def test_step_time_smoke(tmp_path):
   assert all(f"| {m} |" in table for m in AVAILABLE)
 
 
+@pytest.mark.slow  # ~20 s on 2 cores; the default suite keeps the memory and step-time smokes
 def test_optimizer_only_smoke(tmp_path):
   report = _run("optimizer_only", str(tmp_path))
   assert report["environment"]["openblas_num_threads"] == OPENBLAS_THREADS

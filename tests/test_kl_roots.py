@@ -164,7 +164,13 @@ def _synthetic_golden(tmp_path, constructor_kwargs, kl, graft, **port):
 
 
 @pytest.mark.parametrize(
-  "grafting", ["None", "AdamPreconditionerConfig(beta2=0.999, epsilon=1e-08)"]
+  "grafting",
+  [
+    # Without grafting: the shared kl_shampoo_meta golden's configuration (replayed in the
+    # default suite by test_parity), so this synthetic replay of it runs in the slow job.
+    pytest.param("None", marks=pytest.mark.slow),
+    "AdamPreconditionerConfig(beta2=0.999, epsilon=1e-08)",
+  ],
 )
 def test_parity_maps_distributed_shampoos_kl_configurations(tmp_path, grafting):
   """The held-back ``kl_shampoo_meta_graft`` configuration (Adam grafting) and the shared one,
@@ -219,11 +225,13 @@ def test_parity_maps_distributed_shampoos_kl_configurations(tmp_path, grafting):
       "AdamPreconditionerConfig(beta2=0.999, epsilon=1e-08)",
       dict(kl=True, graft=(0.999, 1e-8), refresh="qr"),
     ),
-    (
+    # The eigh refresh is also covered by "eigh, adam grafting" (default suite): slow job.
+    pytest.param(
       "EigendecomposedShampooPreconditionerConfig(amortized_computation_config="
       "EighEigendecompositionConfig(tolerance=0.05))",
       "None",
       dict(kl=False, graft=None, tolerance=0.05),
+      marks=pytest.mark.slow,
     ),
   ],
   ids=["eigh, adam grafting", "QR two steps", "KL, QR, adam grafting", "eigh, tolerance"],
