@@ -219,6 +219,21 @@ def _stack(tree: Any, size: int) -> Any:
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (size, *x.shape)), tree)
 
 
+class _BucketsWithoutParams:
+  """What ``init`` returns for the buckets of ``optax.tree.map_params``' shapeless placeholder:
+  one leaf, so that map_params passes the whole bucket tuple (stacks of blocks, no
+  parameter-shaped leaf) to its ``transform_non_params``. Their shardings come from
+  :func:`kl_precond.sharding.state_specs`."""
+
+  def __repr__(self) -> str:
+    return "<kl_precond buckets: no parameter-shaped leaves>"
+
+
+def _is_map_params_placeholder(params: Any) -> bool:
+  """Whether ``params`` is the placeholder that ``optax.tree.map_params`` initialises with."""
+  return type(params).__name__ == "_ParamsPlaceholder" and not jax.tree.leaves(params)
+
+
 def _init_bucket(stages: _Stages, bucket: layout_lib.Bucket) -> BucketState:
   args = (bucket.shape, bucket.preconditioned, bucket.dtype)
   state = BucketState(
@@ -570,10 +585,12 @@ def scale_by_preconditioner(
   config = layout or layout_lib.LayoutConfig()
 
   def init_fn(params: Any) -> PreconditionerState:
-    tree = layout_lib.tree_layout(params, config)
-    buckets = tuple(_init_bucket(stages, bucket) for bucket in tree.buckets)
     # Three distinct buffers, so that donating the state (jit donate_argnums) works.
     count, skipped, failures = (jnp.zeros((), jnp.int32) for _ in range(3))
+    if _is_map_params_placeholder(params):
+      return PreconditionerState(count, skipped, failures, cast(Any, _BucketsWithoutParams()))
+    tree = layout_lib.tree_layout(params, config)
+    buckets = tuple(_init_bucket(stages, bucket) for bucket in tree.buckets)
     return PreconditionerState(count, skipped, failures, buckets)
 
   def step_fn(

@@ -148,6 +148,11 @@ def state_specs(
 ) -> Any:
   """The ``PartitionSpec`` of every leaf of an optimizer state (see the module docstring).
 
+  This is what ``optax.tree.map_params(tx, f, state, param_specs, ...)`` gives for optax's own
+  optimizers: ``map_params`` works here too, but a bucket's state is stacks of blocks with no
+  parameter-shaped leaf, so it hands the buckets whole to ``transform_non_params``; this
+  function splits them over ``axis``.
+
   Args:
     state: the optimizer state, or ``jax.eval_shape(tx.init, params)``; any ``optax`` state
       tree, with :class:`~kl_precond.PreconditionerState` nodes anywhere in it.

@@ -186,6 +186,40 @@ def test_init_factor_is_read_at_init_under_inject_hyperparams(name):
   assert _differs(expected[-1], default[-1])
 
 
+# optax.tree.map_params ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_optax_map_params_maps_the_parameter_shaped_leaves(name):
+  tx = _make(name)
+  state = tx.init(PARAMS)
+  same = optax.tree.map_params(tx, lambda p: p, state)
+  assert jax.tree.structure(same) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(state), strict=True):
+    assert a is b
+  # The dtype use case: f reaches every parameter-shaped leaf (Shampoo's grafting moments; the
+  # buckets' stacks of blocks have none: map_params hands them whole to transform_non_params).
+  whole = []
+  cast = optax.tree.map_params(
+    tx,
+    lambda p: p.astype(jnp.bfloat16),
+    state,
+    transform_non_params=lambda x: whole.append(x) or x,
+  )
+  is_node = lambda n: isinstance(n, kp.PreconditionerState)  # noqa: E731
+  (node,) = [n for n in jax.tree.leaves(state, is_leaf=is_node) if is_node(n)]
+  assert any(x is node.buckets for x in whole)
+  narrowed = [
+    (a.shape, b.dtype)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(cast), strict=True)
+    if a.dtype != b.dtype
+  ]
+  magnitude = state[0].magnitude if name == "shampoo" else ()
+  expected = [(x.shape, jnp.dtype(jnp.bfloat16)) for x in jax.tree.leaves(magnitude) if x.ndim]
+  assert narrowed == expected
+  assert (name == "shampoo") == bool(expected)
+
+
 # optax.MultiSteps, optax.masked, optax.partition -------------------------------------------------
 
 
