@@ -369,8 +369,8 @@ def eigh_every(
 ) -> Refresh:
   """Refresh by a full eigendecomposition every ``every`` steps (Shampoo).
 
-  .. math:: Q\\,\\mathrm{diag}(\\lambda)\\,Q^\top = F + \rho I, \\qquad
-     \\lambda \\leftarrow \\lambda - \\lambda_{\\min} + \\epsilon_f \\ \text{if}\\ \\lambda_{\\min} < \\epsilon_f
+  .. math:: Q\\,\\mathrm{diag}(\\lambda)\\,Q^\\top = F + \\rho I, \\qquad
+     \\lambda \\leftarrow \\lambda - \\lambda_{\\min} + \\epsilon_f \\ \\text{if}\\ \\lambda_{\\min} < \\epsilon_f
 
   Args:
     every: refresh period ``T >= 1`` (static).

@@ -177,7 +177,7 @@ def shampoo_stats(grads: Array, weights: Array | None = None) -> KroneckerFactor
 
   Example:
     >>> stats = shampoo_stats(jnp.ones((5, 3, 2)))
-    >>> float(jnp.trace(stats.left)), float(jnp.trace(stats.right))
+    >>> round(float(jnp.trace(stats.left)), 4), round(float(jnp.trace(stats.right)), 4)
     (6.0, 6.0)
   """
   w = _weights(grads, weights)

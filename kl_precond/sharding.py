@@ -1,7 +1,7 @@
 """Sharding the optimizer state over a device mesh, so that each device refreshes its share.
 
 A :class:`~kl_precond.PreconditionerState` keeps one stack per bucket of equal-shape blocks
-(:mod:`kl_precond.layout`), and all per-block work, the eigh/QR refresh included, is ``vmap``ed
+(:mod:`kl_precond.layout`), and all per-block work, the eigh/QR refresh included, is ``vmap``-ed
 over the stack's leading axis. Sharding that axis over a mesh axis splits the refresh across the
 devices (the work split of Distributed Shampoo) without any change to the optimizer: XLA
 partitions the batched decompositions, and no block needs data from another device.
@@ -76,7 +76,7 @@ ones, per device ran fine.
 same code: ``jax.make_mesh((jax.device_count(),), ("blocks",))`` builds a global mesh over the
 devices of all hosts, the helpers only read the mesh's axis sizes, and :func:`jit_init` creates
 the state directly in its sharded layout, so no host ever holds the whole state. Parameters and
-gradients must be global ``jax.Array``s (from a jitted init with ``out_shardings``, or
+gradients must be global ``jax.Array`` values (from a jitted init with ``out_shardings``, or
 ``jax.make_array_from_process_local_data`` for per-host batches), and a result is read back with
 ``jax.experimental.multihost_utils.process_allgather``. ``tests/test_multiprocess.py`` runs this
 recipe in two processes on one machine (2 CPU devices each, CPU collectives by gloo, jax's default
@@ -160,8 +160,9 @@ def state_specs(
     axis: the mesh axis name, or tuple of names, that bucket stacks are split over.
     params: the parameters (arrays or ``jax.ShapeDtypeStruct``), to give state leaves shaped
       like them the parameters' shardings; ``None``: such leaves are replicated.
-    param_specs: the parameters' ``PartitionSpec``s or ``NamedSharding``s, a tree like
-      ``params``; default: read from ``params``' own ``.sharding`` (``P()`` where there is none).
+    param_specs: the parameters' specs or shardings (``PartitionSpec`` or ``NamedSharding``), a
+      tree like ``params``; default: read from ``params``' own ``.sharding`` (``P()`` where there
+      is none).
 
   Returns:
     A tree like ``state`` with a ``PartitionSpec`` per leaf.
@@ -197,7 +198,7 @@ def state_shardings(
 
 
 def fsdp_specs(params: Any, mesh: Mesh, axis: Axis = "data", *, min_size: int = 2**16) -> Any:
-  """FSDP-style ``PartitionSpec``s: the first axis of every big tensor split over ``axis``.
+  """FSDP-style specs (``PartitionSpec``): the first axis of every big tensor split over ``axis``.
 
   Args:
     params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
@@ -221,7 +222,7 @@ def fsdp_specs(params: Any, mesh: Mesh, axis: Axis = "data", *, min_size: int = 
 
 
 def fsdp_shardings(params: Any, mesh: Mesh, axis: Axis = "data", *, min_size: int = 2**16) -> Any:
-  """The ``NamedSharding``s of :func:`fsdp_specs` on ``mesh``."""
+  """The shardings (``NamedSharding``) of :func:`fsdp_specs` on ``mesh``."""
   specs = fsdp_specs(params, mesh, axis, min_size=min_size)
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
 
@@ -252,8 +253,8 @@ def placement_of(param_shardings: Any, state_shardings: Any) -> placement_lib.Pl
   (:func:`jit_update` does).
 
   Args:
-    param_shardings: ``NamedSharding``s of the parameters (and gradients).
-    state_shardings: ``NamedSharding``s of the state, e.g. from :func:`state_shardings`.
+    param_shardings: shardings (``NamedSharding``) of the parameters (and gradients).
+    state_shardings: shardings (``NamedSharding``) of the state, e.g. from :func:`state_shardings`.
 
   Returns:
     The placement, or ``None`` when no leaf is a ``NamedSharding``.
@@ -298,8 +299,8 @@ def jit_update(
 
   Args:
     tx: the gradient transformation.
-    param_shardings: ``NamedSharding``s of the parameters (and so of gradients and updates).
-    state_shardings: ``NamedSharding``s of the state, e.g. from :func:`state_shardings`.
+    param_shardings: shardings (``NamedSharding``) of the parameters (and so of gradients and updates).
+    state_shardings: shardings (``NamedSharding``) of the state, e.g. from :func:`state_shardings`.
     donate_state: donate the incoming state's buffers to the new state.
 
   Returns:
