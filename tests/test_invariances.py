@@ -264,8 +264,22 @@ MIXED = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("blocking", [False, True])
+# Blocked KL-SOAP and KL-Shampoo run in the slow job (~12 s each on 2 cores): blocking is the
+# layout's, shared by every method, and blocked SOAP stays in the default suite.
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+  ("name", "blocking"),
+  [
+    ("kl_shampoo", False),
+    pytest.param("kl_shampoo", True, marks=_SLOW),
+    ("kl_soap", False),
+    pytest.param("kl_soap", True, marks=_SLOW),
+    ("soap", False),
+    ("soap", True),
+  ],
+)
 def test_mixed_pytree_gives_finite_updates(name, blocking):
   layout = kp.LayoutConfig(max_precond_dim=128, blocking=blocking)
   tx = OPTIMIZERS[name](1e-3, precondition_frequency=2, layout=layout)

@@ -368,7 +368,12 @@ def test_padded_buckets_are_split_and_change_nothing(name: str) -> None:
       )
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated_params", "fsdp_params"])
+@pytest.mark.parametrize(
+  "fsdp",
+  # FSDP parameters: in the slow job (~15 s); test_sharded_equals_single_device covers them too.
+  [False, pytest.param(True, marks=pytest.mark.slow)],
+  ids=["replicated_params", "fsdp_params"],
+)
 def test_plain_jit_update_on_an_explicit_mesh(fsdp: bool) -> None:
   """The chassis itself works on Explicit meshes: no ``with_auto_axes`` needed."""
   tx = _optimizer("kl_soap")
