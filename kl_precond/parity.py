@@ -536,7 +536,7 @@ def _injector(
     return lambda state, call: state
   tree = layout_lib.tree_layout(params, rule.layout)
   leaf_index = {name: i for i, name in enumerate(sorted(names))}
-  prefix = _basis_prefix(arrays, inject, x64)
+  prefix = _basis_prefix(inject, x64)
 
   def inject_fn(state: Any, call: int) -> Any:
     if inject == "q0" and call != 0:
@@ -549,10 +549,10 @@ def _injector(
     buckets = list(state.buckets)
     for name in names:
       rows = tree.where[leaf_index[name]]
-      for block, (bucket_id, row) in enumerate(rows):
+      for bucket_id, row in rows:
         bases = list(buckets[bucket_id].basis.bases)
         for axis in range(len(bases)):
-          key = _basis_key(arrays, prefix, name, block, axis, len(rows))
+          key = _basis_key(arrays, prefix, name, axis, len(rows))
           # A basis stage that stores no bases (Shampoo's cached roots, ``keep_bases=False``)
           # has one-element placeholders (blocks, 1): nothing to overwrite, and its roots do not
           # depend on the choice of eigenvectors within an eigenspace anyway.
@@ -679,27 +679,24 @@ def relative_errors(ours: np.ndarray, reference: np.ndarray) -> float:
 _X64_REFERENCES = ("params_linalg64", "params_default64", "params")
 
 
-def _basis_prefix(arrays: dict[str, np.ndarray], inject: str, x64: bool) -> str:
+def _basis_prefix(inject: str, x64: bool) -> str:
   """The key prefix of the reference's bases that ``inject`` reads: the first basis (``q0``) or
-  every call's (``q``), from the float64 reference (``_linalg64``, or Distributed Shampoo's
-  ``_default64``) when replaying in float64."""
+  every call's (``q``), from the reference with float64 decompositions (``_linalg64``) when
+  replaying in float64. (Distributed Shampoo's per-call ``q_default64`` bases are not read: set
+  after a refresh, they would leave our moments in the previous basis.)"""
   stem = "q0" if inject == "q0" else "q"
-  if not x64:
-    return stem
-  wide = f"{stem}_linalg64"
-  if not any(key.startswith(wide + "/") for key in arrays):
-    wide = f"{stem}_default64"
-  return wide
+  return f"{stem}_linalg64" if x64 else stem
 
 
 def _basis_key(
-  arrays: dict[str, np.ndarray], prefix: str, name: str, block: int, axis: int, blocks: int
+  arrays: dict[str, np.ndarray], prefix: str, name: str, axis: int, blocks: int
 ) -> str | None:
-  """The file's key of the basis of ``axis`` of ``block``: ``prefix/name/block/axis``
-  (Distributed Shampoo's blocks), or ``prefix/name/axis`` for an unblocked tensor; None if the
-  file does not store it."""
-  keys = [f"{prefix}/{name}/{block}/{axis}"] + ([f"{prefix}/{name}/{axis}"] if blocks == 1 else [])
-  return next((key for key in keys if key in arrays), None)
+  """The file's key of the basis of ``axis`` of an unblocked tensor, ``prefix/name/axis``; None
+  if the file does not store it, or the tensor has several blocks (the references that store
+  bases this way do not block). Distributed Shampoo's per-block ``q/name/block/axis`` is not
+  read (see :func:`_basis_prefix`)."""
+  key = f"{prefix}/{name}/{axis}"
+  return key if blocks == 1 and key in arrays else None
 
 
 def _fully_injected(
@@ -709,14 +706,14 @@ def _fully_injected(
   axis of every block of ``rule``'s layout; without a rule, every axis of one block)?"""
   if inject == "none":
     return False
-  prefix = _basis_prefix(arrays, inject, True)
+  prefix = _basis_prefix(inject, True)
   shape = arrays[f"init/{name}"].shape
   if rule is None or rule.layout is None:
-    return all(_basis_key(arrays, prefix, name, 0, a, 1) for a in range(len(shape)))
+    return all(_basis_key(arrays, prefix, name, a, 1) for a in range(len(shape)))
   blocks = layout_lib.tensor_layout(shape, rule.layout).blocks
   return all(
-    _basis_key(arrays, prefix, name, index, axis, len(blocks)) is not None
-    for index, block in enumerate(blocks)
+    _basis_key(arrays, prefix, name, axis, len(blocks)) is not None
+    for block in blocks
     for axis, factored in enumerate(block.preconditioned)
     if factored
   )
