@@ -549,18 +549,20 @@ def _injector(
     buckets = list(state.buckets)
     for name in names:
       rows = tree.where[leaf_index[name]]
-      for bucket_id, row in rows:
-        bases = list(buckets[bucket_id].basis.bases)
-        for axis in range(len(bases)):
-          key = _basis_key(arrays, prefix, name, axis, len(rows))
-          # A basis stage that stores no bases (Shampoo's cached roots, ``keep_bases=False``)
-          # has one-element placeholders (blocks, 1): nothing to overwrite, and its roots do not
-          # depend on the choice of eigenvectors within an eigenspace anyway.
-          if key is not None and bases[axis] is not None and bases[axis].ndim == 3:
-            value = arrays[key] if inject == "q0" else arrays[key][call]
-            bases[axis] = bases[axis].at[row].set(jnp.asarray(value, bases[axis].dtype))
-        basis = buckets[bucket_id].basis._replace(bases=tuple(bases))
-        buckets[bucket_id] = buckets[bucket_id]._replace(basis=basis)
+      if len(rows) != 1:  # the files store bases of unblocked tensors only
+        continue
+      ((bucket_id, row),) = rows
+      bases = list(buckets[bucket_id].basis.bases)
+      for axis in range(len(bases)):
+        key = _basis_key(arrays, prefix, name, axis, 1)
+        # A basis stage that stores no bases (Shampoo's cached roots, ``keep_bases=False``) has
+        # one-element placeholders (blocks, 1): nothing to overwrite, and its roots do not
+        # depend on the choice of eigenvectors within an eigenspace anyway.
+        if key is not None and bases[axis] is not None and bases[axis].ndim == 3:
+          value = arrays[key] if inject == "q0" else arrays[key][call]
+          bases[axis] = bases[axis].at[row].set(jnp.asarray(value, bases[axis].dtype))
+      basis = buckets[bucket_id].basis._replace(bases=tuple(bases))
+      buckets[bucket_id] = buckets[bucket_id]._replace(basis=basis)
     return state._replace(buckets=tuple(buckets))
 
   return inject_fn
@@ -699,17 +701,13 @@ def _basis_key(
   return key if blocks == 1 and key in arrays else None
 
 
-def _fully_injected(
-  arrays: dict[str, np.ndarray], name: str, inject: str, rule: Recipe | None = None
-) -> bool:
+def _fully_injected(arrays: dict[str, np.ndarray], name: str, inject: str, rule: Recipe) -> bool:
   """Does the file store an injectable basis for every factor of this tensor (every factored
-  axis of every block of ``rule``'s layout; without a rule, every axis of one block)?"""
-  if inject == "none":
+  axis of every block of ``rule``'s layout; a recipe without a layout injects nothing)?"""
+  if inject == "none" or rule.layout is None:
     return False
   prefix = _basis_prefix(inject, True)
   shape = arrays[f"init/{name}"].shape
-  if rule is None or rule.layout is None:
-    return all(_basis_key(arrays, prefix, name, a, 1) for a in range(len(shape)))
   blocks = layout_lib.tensor_layout(shape, rule.layout).blocks
   return all(
     _basis_key(arrays, prefix, name, axis, len(blocks)) is not None
