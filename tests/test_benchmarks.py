@@ -597,7 +597,13 @@ def test_lm_curves_flags_presets_and_seeds():
 
   default, long = parse(), parse("--preset=long")
   assert default == lm_curves.preset_config("default") and default.seeds == (0, 1, 2)
+  assert long == lm_curves.preset_config("long")  # the preset's own grids survive the flags
   assert long.steps >= 3 * default.steps and long.tune_steps > default.tune_steps
+  merged = parse("--preset=long", "--lr_grid=soap=1e-3/2e-3")
+  assert {m: [t["lr"] for t in lm_curves.tuning_grid(m, merged)][::2] for m in ("soap", "adamw")} == {
+    "soap": [1e-3, 2e-3],
+    "adamw": list(lm_curves.PRESETS["long"]["lr_grids"]["adamw"]),
+  }
   assert long.model.num_layers > default.model.num_layers
   assert long.model.d_model > default.model.d_model
   custom = parse("--preset=long", "--steps=7", "--d_model=96", "--seeds=0,5", "--no_tune")
