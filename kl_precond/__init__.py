@@ -52,19 +52,24 @@ __version__ = "0.1.0"
 # Hyperparameters that shape the computation (sizes, periods) and so cannot be traced arrays,
 # common to every optimizer here: ``optax.inject_hyperparams(kp.soap,
 # static_args=kp.STATIC_HYPERPARAMS)``. ``kp.static_hyperparams(kp.shampoo)`` adds the ones a
-# given optimizer has beyond these (``start_preconditioning_step``, ``qr_iterations``).
+# given optimizer has beyond these (``start_preconditioning_step``, ``qr_iterations``, and
+# ``tolerance``, whose zero or nonzero value decides whether the previous bases are stored).
 STATIC_HYPERPARAMS = ("precondition_frequency", "max_precond_dim")
 
 
 def static_hyperparams(factory: Callable[..., Any]) -> tuple[str, ...]:
   """The static arguments of an optimizer of this package, for ``optax.inject_hyperparams``.
 
+  ``STATIC_HYPERPARAMS`` plus those of ``factory`` among ``start_preconditioning_step``,
+  ``qr_iterations`` and ``tolerance``: ``optax.inject_hyperparams(f,
+  static_args=kp.static_hyperparams(f))`` gives the same state and updates as ``f``.
+
   ``factory`` must be a callable (e.g. :func:`kl_precond.shampoo`); else ``ValueError``.
   """
   if not callable(factory):
     raise ValueError(f"factory must be an optimizer factory (a callable), got {factory!r}.")
   names = inspect.signature(factory).parameters
-  extra = ("start_preconditioning_step", "qr_iterations")
+  extra = ("start_preconditioning_step", "qr_iterations", "tolerance")
   return tuple(n for n in (*STATIC_HYPERPARAMS, *extra) if n in names)
 
 

@@ -128,8 +128,11 @@ class Frobenius:
   def _fold(self, state: FrobeniusState, source: Any, hold: Any) -> FrobeniusState:
     """``F_i ← β F_i + (1-β) X_(i) X_(i)ᵀ`` with ``X = source(i)`` (the gradient block, or a
     whitened one)."""
+    # 1-β in the factors' arithmetic, as it is when β is a traced array (inject_hyperparams):
+    # a rank-deficient factor's null-space basis changes with the last bit of the factor.
+    dtype = jnp.result_type(jnp.float32, *(f for f in state.factors if f is not None))
     beta, weight = tensor_ops.held(
-      hold, self.beta, tensor_ops.accumulation_weight(self.beta, self.weight)
+      hold, self.beta, tensor_ops.accumulation_weight(jnp.asarray(self.beta, dtype), self.weight)
     )
     factors = tuple(
       None
@@ -434,7 +437,8 @@ class KL:
   def _fold(
     self, factor: jax.Array, gram: jax.Array, grad: jax.Array, axis: int, hold: Any = None
   ) -> jax.Array:
-    weight = (1 - self.beta) / (math.prod(grad.shape) / grad.shape[axis])
+    dtype = jnp.promote_types(factor.dtype, jnp.float32)  # 1-β as a traced β computes it
+    weight = (1 - jnp.asarray(self.beta, dtype)) / (math.prod(grad.shape) / grad.shape[axis])
     beta, weight = tensor_ops.held(hold, self.beta, weight)
     return (factor * beta + weight * tensor_ops.zeroed(gram, hold)).astype(factor.dtype)
 
