@@ -600,7 +600,9 @@ def test_lm_curves_flags_presets_and_seeds():
   assert long == lm_curves.preset_config("long")  # the preset's own grids survive the flags
   assert long.steps >= 3 * default.steps and long.tune_steps > default.tune_steps
   merged = parse("--preset=long", "--lr_grid=soap=1e-3/2e-3")
-  assert {m: [t["lr"] for t in lm_curves.tuning_grid(m, merged)][::2] for m in ("soap", "adamw")} == {
+  assert {
+    m: [t["lr"] for t in lm_curves.tuning_grid(m, merged)][::2] for m in ("soap", "adamw")
+  } == {
     "soap": [1e-3, 2e-3],
     "adamw": list(lm_curves.PRESETS["long"]["lr_grids"]["adamw"]),
   }

@@ -202,6 +202,9 @@ def test_jit_does_not_recompile(name):
   assert len(traces) == 1
 
 
+# Slow job: tests/test_ecosystem.py (a schedule and every injected number, every method) and
+# tests/test_optax_contrib.py (optax's inject and schedule tests) cover it in the default suite.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_inject_hyperparams_with_a_schedule(name):
   schedule = optax.linear_schedule(1e-2, 1e-3, 5)
@@ -368,11 +371,18 @@ def _assert_close_and_moving(updates_a, updates_b):
   assert moved > 0
 
 
+_EXPONENTS = [None, 0.25, {2: (0.1, 0.4)}, {2: (0.5, 0.0)}, {2: {0: 0.3}, 3: (0.2, 0.1, 0.3)}]
+
+
+# Every exponent with the ridge; the relative ridge (only λ_max differs) with the default exponent,
+# the others in the slow job.
 @pytest.mark.parametrize(
-  "exponents", [None, 0.25, {2: (0.1, 0.4)}, {2: (0.5, 0.0)}, {2: {0: 0.3}, 3: (0.2, 0.1, 0.3)}]
+  ("eps_mode", "exponents"),
+  [("ridge", e) for e in _EXPONENTS]
+  + [("relative", None)]
+  + [pytest.param("relative", e, marks=pytest.mark.slow) for e in _EXPONENTS[1:]],
 )
-@pytest.mark.parametrize("eps_mode", ["ridge", "relative"])
-def test_cached_roots_equal_projecting_scaling_and_unprojecting(exponents, eps_mode):
+def test_cached_roots_equal_projecting_scaling_and_unprojecting(eps_mode, exponents):
   """Shampoo's ``cache_roots`` (``U = M̂ ×_i Q_i diag(P_i) Q_iᵀ``, roots rebuilt at refreshes)
   against the uncached ``unproj(proj(M̂) ⊙ ⊗P_i)``, float64, 9 steps over 3 refreshes."""
   with jax.enable_x64():

@@ -160,9 +160,14 @@ def _check(name, spec, options, seed):
       assert bool(jnp.all(jnp.isfinite(u))), f"call {call}: {u}"
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_random_trees_and_hyperparameters_give_finite_updates(name):
-  @PROFILE
+# Each example compiles a new tree (~2.5 s): the default suite draws 5 per method, the slow job 20.
+@pytest.mark.parametrize(
+  ("name", "examples"),
+  [pytest.param(name, 5, id=name) for name in METHODS]
+  + [pytest.param(name, 20, id=f"{name}-20", marks=pytest.mark.slow) for name in METHODS],
+)
+def test_random_trees_and_hyperparameters_give_finite_updates(name, examples):
+  @settings(PROFILE, max_examples=examples)
   @given(spec=_TREES, options=st.fixed_dictionaries(OPTIONS[name]), seed=st.integers(0, 2**16))
   def check(spec, options, seed):
     _check(name, spec, options, seed)

@@ -143,13 +143,20 @@ def test_eight_fake_devices() -> None:
 
 
 def _cases() -> list[Any]:
-  """Every optimizer with replicated parameters on both axis types; FSDP on one, alternating."""
+  """Every optimizer with replicated parameters on both axis types and FSDP on one, alternating.
+
+  The default suite runs one of each optimizer's three, in turn, so that it covers every
+  optimizer, both axis types and both parameter layouts; the other two are in the slow job.
+  """
   cases = []
   for i, name in enumerate(OPTIMIZERS):
-    for axis_type in AXIS_TYPES:
-      cases.append(pytest.param(name, axis_type, False, id=f"{name}-{axis_type.name}-replicated"))
-    axis_type = AXIS_TYPES[i % 2]
-    cases.append(pytest.param(name, axis_type, True, id=f"{name}-{axis_type.name}-fsdp"))
+    triple = [(axis_type, False, "replicated") for axis_type in AXIS_TYPES]
+    triple.append((AXIS_TYPES[i % 2], True, "fsdp"))
+    for j, (axis_type, fsdp, kind) in enumerate(triple):
+      marks = () if j == i % 3 else (pytest.mark.slow,)
+      cases.append(
+        pytest.param(name, axis_type, fsdp, id=f"{name}-{axis_type.name}-{kind}", marks=marks)
+      )
   return cases
 
 

@@ -218,7 +218,22 @@ PARITY_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(PARITY_CASES), ids=list(PARITY_CASES))
+# In the slow job: options whose mapping another case also takes (no bias correction; classic
+# momentum; trace scaling).
+_SLOW_PARITY_CASES = (
+  "no bias correction, KL",
+  "classic momentum, independent decay, eigenvalue corrected",
+  "trace scaling default exponent, eigenvalue corrected, sums",
+)
+
+
+@pytest.mark.parametrize(
+  "case",
+  [
+    pytest.param(c, id=c, marks=(pytest.mark.slow,) if c in _SLOW_PARITY_CASES else ())
+    for c in PARITY_CASES
+  ],
+)
 def test_parity_maps_the_statistics_options(tmp_path, case):
   """The parity tool replays a file made by the NumPy port with each option; read without the
   option (the config and kwargs of the default), the same file does not replay."""
