@@ -103,6 +103,7 @@ GPU runtime (4-layer d256, 128-byte context, batch 64, 1,000 steps; not timed he
     python benchmarks/lm_curves.py --methods=adamw,soap --seeds=0,1 --steps=500
     python benchmarks/lm_curves.py --no_tune --lrs=adamw=3e-3 --hparams=adamw:b2=0.99
     python benchmarks/lm_curves.py --preset=long
+    python benchmarks/lm_curves.py --merge=out/adamw,out/soap --out_dir=out/all  # one report
 
 The logic is importable (``ExperimentConfig`` + ``run_experiment``); ``main`` maps flags to it.
 """
@@ -610,6 +611,21 @@ def crossing_point(curves: Mapping[str, np.ndarray], val: np.ndarray, target: fl
   )
 
 
+def target_crossings(
+  runs: Sequence[RunResult], target: float | None
+) -> tuple[float | None, float | None, list[float | None]]:
+  """Steps and seconds at which the seed-mean curve reaches ``target``, and each seed's steps."""
+  if target is None:
+    return None, None, []
+  curves = seed_curves(runs)
+  steps_to, seconds_to = crossing_point(curves, np.mean(curves["val"], axis=0), target)
+  per_seed = []
+  for i in range(len(runs)):
+    one = {"steps": curves["steps"], "wall": curves["wall"][i : i + 1]}
+    per_seed.append(crossing_point(one, curves["val"][i], target)[0])
+  return steps_to, seconds_to, per_seed
+
+
 def method_summary(
   runs: Sequence[RunResult], trials: Sequence[tuple[Setting, float]], target: float | None
 ) -> dict[str, Any]:
@@ -617,12 +633,7 @@ def method_summary(
   finals = [r.final_val_loss if not r.diverged else math.nan for r in runs]
   mean, std = mean_std(finals)
   curves = seed_curves(runs)
-  steps_to, seconds_to, per_seed = None, None, []
-  if target is not None:
-    steps_to, seconds_to = crossing_point(curves, np.mean(curves["val"], axis=0), target)
-    for i in range(len(runs)):
-      one = {"steps": curves["steps"], "wall": curves["wall"][i : i + 1]}
-      per_seed.append(crossing_point(one, curves["val"][i], target)[0])
+  steps_to, seconds_to, per_seed = target_crossings(runs, target)
   step_seconds = np.concatenate([r.step_seconds for r in runs])
   return {
     "setting": dict(runs[0].setting),
@@ -866,6 +877,86 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
   return summary
 
 
+# Config fields that may differ between runs merged into one report: per-method tuning inputs
+# and where the run wrote.
+_MERGE_FREE = {"methods", "lr_grids", "hparam_grids", "lrs", "hparams", "out_dir", "progress"}
+
+
+def read_runs(out_dir: str) -> dict[str, list[RunResult]]:
+  """The final runs recorded in ``out_dir/curves.csv``, per method (rows only: no timings)."""
+  rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
+  with open(os.path.join(out_dir, "curves.csv"), newline="") as f:
+    for r in csv.DictReader(f):
+      val = float(r["val_loss"]) if r["val_loss"] else None
+      rows.setdefault((r["method"], int(r["seed"])), []).append(
+        {
+          "step": int(r["step"]),
+          "train_loss": float(r["train_loss"]),
+          "val_loss": val,
+          "wall": float(r["wall_seconds"]),
+        }
+      )
+  runs: dict[str, list[RunResult]] = {}
+  for (method, seed), method_rows in rows.items():
+    runs.setdefault(method, []).append(RunResult(method, {}, seed, method_rows, [], 0.0))
+  return runs
+
+
+def merge_outputs(out_dirs: Sequence[str], out_dir: str) -> dict[str, Any]:
+  """One report from runs made by separate processes (e.g. one ``--methods=M`` each).
+
+  Each directory holds a ``run_experiment`` output (``summary.json``, ``curves.csv``); their
+  configs must agree except in ``_MERGE_FREE`` fields, and no method may appear twice. The
+  target (AdamW's mean final loss) and every method's steps and seconds to it are recomputed
+  from the merged runs, as one process running every method would; the rest of each method's
+  entry (tuning, timings) is its own run's. Writes ``summary.json``, ``results.md`` and
+  ``curves.png`` (no CSV: the inputs keep theirs) to ``out_dir``.
+  """
+  summaries, runs = [], {}
+  for d in out_dirs:
+    with open(os.path.join(d, "summary.json")) as f:
+      summaries.append(json.load(f))
+    for method, method_runs in read_runs(d).items():
+      if method in runs:
+        raise ValueError(f"{method} appears in more than one of {list(out_dirs)}.")
+      runs[method] = method_runs
+  base = {k: v for k, v in summaries[0]["config"].items() if k not in _MERGE_FREE}
+  for d, summary in zip(out_dirs, summaries, strict=True):
+    config = {k: v for k, v in summary["config"].items() if k not in _MERGE_FREE}
+    if config != base:
+      differ = sorted(k for k in config if config[k] != base.get(k))
+      raise ValueError(f"{d} was run with another configuration ({differ}).")
+  target = None
+  if REFERENCE_METHOD in runs:
+    reference = mean_std([r.final_val_loss for r in runs[REFERENCE_METHOD]])[0]
+    if math.isfinite(reference):
+      target = {"method": REFERENCE_METHOD, "val_loss": reference}
+  methods: dict[str, Any] = {}
+  for method in [m for m in METHODS if m in runs]:
+    entry = dict(next(s["methods"][method] for s in summaries if method in s["methods"]))
+    crossings = target_crossings(runs[method], target["val_loss"] if target else None)
+    keys = ("steps_to_target", "seconds_to_target", "steps_to_target_per_seed")
+    entry.update(zip(keys, crossings, strict=True))
+    methods[method] = entry
+  merged = {
+    **{k: v for k, v in summaries[0].items() if k not in ("methods", "target", "wall_seconds")},
+    "config": {**summaries[0]["config"], "methods": list(methods), "out_dir": out_dir},
+    "target": target,
+    "methods": methods,
+    "merged_from": list(out_dirs),
+    "wall_seconds": {"total": sum(s["wall_seconds"]["total"] for s in summaries)},
+  }
+  os.makedirs(out_dir, exist_ok=True)
+  plot_curves(merged, os.path.join(out_dir, "curves.png"))
+  report = "\n\n".join(t for t in (markdown_table(merged), tuning_table(merged)) if t)
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(report + "\n")
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump(merged, f, indent=2)
+  print(report)
+  return merged
+
+
 def parse_lr_grid(spec: str) -> dict[str, tuple[float, ...]]:
   """``"1e-3,3e-3"`` (every method) or ``"adamw=1e-3/3e-3,soap=2e-3/4e-3"`` (per method)."""
   if not spec:
@@ -968,6 +1059,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("num_val_batches", None, "Fixed validation batches per evaluation.", **fv)
   flags.DEFINE_integer("max_corpus_bytes", None, "Cap on the corpus size in bytes.", **fv)
   flags.DEFINE_string("out_dir", _DEFAULTS.out_dir, "Output directory.", **fv)
+  flags.DEFINE_string(
+    "merge",
+    "",
+    "Comma-separated output directories of earlier runs (e.g. one --methods=M each) to merge "
+    "into one report in --out_dir instead of training.",
+    **fv,
+  )
   flags.DEFINE_bool("progress", True, "Show tqdm progress bars.", **fv)
 
 
@@ -1004,6 +1102,9 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  if flags.FLAGS.merge:
+    merge_outputs([d for d in flags.FLAGS.merge.split(",") if d], flags.FLAGS.out_dir)
+    return
   run_experiment(config_from_flags())
 
 

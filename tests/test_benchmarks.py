@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import kl_precond as kp
@@ -704,3 +705,79 @@ def test_lm_curves_settings_with_the_same_program_share_one_compilation():
   state = trainer.init_state("adamw", first, 0)
   (params, _), loss = step(state, *example, np.float32(1e-3))
   assert math.isfinite(float(loss)) and math.isfinite(trainer.val_loss(params, [example]))
+
+
+def test_lm_curves_merge_recomputes_the_target_from_the_merged_runs(tmp_path):
+  """Runs made by separate processes merge into one report: AdamW's mean final loss is the
+  target, and each method's steps to it come from its own curves (linear between evaluations)."""
+  from benchmarks import lm_curves
+
+  config = {"seeds": [0, 1], "steps": 20, "model": {"d_model": 8}, "methods": [], "out_dir": ""}
+  curves = {  # (method, seed) -> val loss at steps 10 and 20
+    ("adamw", 0): (2.6, 2.0),
+    ("adamw", 1): (2.7, 2.2),
+    ("soap", 0): (2.5, 1.9),
+    ("soap", 1): (2.2, 2.0),
+    ("kl_soap", 0): (2.4, 1.8),
+    ("kl_soap", 1): (2.4, 1.8),
+  }
+
+  def write(method, **config_changes):
+    out = tmp_path / method
+    out.mkdir()
+    with open(out / "curves.csv", "w") as f:
+      f.write(",".join(lm_curves.CSV_COLUMNS) + "\n")
+      for (m, seed), vals in curves.items():
+        if m == method:
+          for step, val in zip((10, 20), vals, strict=True):
+            f.write(f"{m},{seed},{step},{val},{val},{step / 10}\n")
+    finals = [curves[(method, s)][1] for s in (0, 1)]
+    entry = {
+      "setting": {"lr": 1e-3},
+      "tuning": [{"lr": 1e-3, "val_loss": 3.0}],
+      "final_val_loss_mean": float(np.mean(finals)),
+      "final_val_loss_std": float(np.std(finals, ddof=1)),
+      "diverged_seeds": [],
+      "median_step_ms": 1.0,
+      "lr_at_grid_edge": False,
+      "steps_to_target": None,  # as a run without AdamW writes it
+      "seconds_to_target": None,
+      "steps_to_target_per_seed": [],
+      "mean_curve": {
+        "steps": [10.0, 20.0],
+        "val_mean": [float(v) for v in np.mean([curves[(method, s)] for s in (0, 1)], axis=0)],
+        "val_std": [0.1, 0.1],
+        "wall_mean": [1.0, 2.0],
+      },
+    }
+    summary = {
+      "config": {**config, **config_changes, "methods": [method], "out_dir": str(out)},
+      "target": None,
+      "methods": {method: entry},
+      "wall_seconds": {"total": 1.0},
+    }
+    (out / "summary.json").write_text(json.dumps(summary))
+    return str(out)
+
+  adamw, soap = write("adamw"), write("soap")
+  merged = lm_curves.merge_outputs([soap, adamw], str(tmp_path / "all"))
+  assert merged["target"] == {"method": "adamw", "val_loss": pytest.approx(2.1)}
+  assert list(merged["methods"]) == ["adamw", "soap"]  # METHODS order
+  s = merged["methods"]["soap"]
+  # Seed 0: 2.5 -> 1.9 reaches 2.1 at 10 + 10 * 0.4 / 0.6; seed 1: 2.2 -> 2.0 at 10 + 10 * 0.5;
+  # the seed mean 2.35 -> 1.95 at 10 + 10 * 0.25 / 0.4, at 1 + 0.625 seconds.
+  assert s["steps_to_target_per_seed"] == pytest.approx([10 + 10 * 0.4 / 0.6, 15.0])
+  assert s["steps_to_target"] == pytest.approx(16.25)
+  assert s["seconds_to_target"] == pytest.approx(1.625)
+  assert merged["methods"]["adamw"]["steps_to_target"] == pytest.approx(20.0)
+  assert {p.name for p in (tmp_path / "all").iterdir()} == {
+    "summary.json",
+    "results.md",
+    "curves.png",
+  }
+  assert "16" in (tmp_path / "all" / "results.md").read_text()
+  with pytest.raises(ValueError, match="more than one"):
+    lm_curves.merge_outputs([soap, soap], str(tmp_path / "twice"))
+  other = write("kl_soap", steps=40)
+  with pytest.raises(ValueError, match="another configuration"):
+    lm_curves.merge_outputs([adamw, other], str(tmp_path / "mixed"))
