@@ -50,10 +50,9 @@ Second axes (``SECOND_AXES``; grids in ``DEFAULT_HPARAM_GRIDS``, learning rates 
   here.) The scale only enters Kron's initial state, so its two values share one compiled step.
 
 The rate grids are ×√10 apart and centred, for every method alike, on the method's best rate in
-the tuning of one full default run (60e5228, 40-step trials; AdamW's and KL-SOAP's picks fell
-on the top edge of their earlier grids, so those two grids moved up one step): AdamW 3e-3,
-Shampoo 3e-3, SOAP 1e-2, KL-SOAP 1e-2, KL-Shampoo 1e-2, KL-Shampoo (reference) 3e-2, PSGD
-Kron 1e-3 (scale 30).
+the tuning of a full default run (40-step trials): AdamW 3e-3, Shampoo 3e-3, SOAP 1e-2, KL-SOAP
+1e-2, KL-Shampoo 1e-2, KL-Shampoo (reference) 3e-2, PSGD Kron 1e-3 (scale 30). The long preset
+applies the same rule on its model: AdamW's and KL-SOAP's grids are one step lower there.
 
 Every method: ``optax.chain(clip_by_global_norm(1.0), <method>)``, warmup-cosine schedule
 (``warmup_fraction`` of the steps, then cosine to a tenth of the peak), decoupled weight decay
@@ -77,8 +76,7 @@ by float32 rounding only.
 Budget of the default preset (``PRESETS["default"]``: 2-layer d128 model, 64-byte context,
 batch 32; 225-step final runs, 40-step tuning runs, 6 trials) on this 2-core CPU, all seven
 methods. Mean step times (refresh steps included) of a full default run at f897f71 (250-step
-final runs, 50-step tuning runs; 2026-12-07, 1182 s in ``run_experiment``, too close to the
-limit, hence the shorter runs now), ms: adamw 96.8, shampoo 140.6, soap 130.2, kl_soap 133.3,
+final runs, 50-step tuning runs; 2026-12-07), ms: adamw 96.8, shampoo 140.6, soap 130.2, kl_soap 133.3,
 kl_shampoo 127.5, kl_shampoo_ref 129.2, psgd_kron 120.0; 877.6 ms for one step of every method.
 Compiling took 156 s (14 train steps; Shampoo's 23 s each, AdamW's 4 s); an evaluation (8
 batches) 0.15-0.2 s; each run also spends ~1 s outside its steps (fresh state, first call).
@@ -91,8 +89,8 @@ batches) 0.15-0.2 s; each run also spends ~1 s outside its steps (fresh state, f
 * total ≈ 1057 s ≈ 17.6 minutes (limit: 20). Interleaved probes of every method's step on the
   idle machine gave 795 and 871 ms for one step of each.
 
-The earlier default (1,000-step runs, a learning-rate sweep of 3 × 200 steps, one seed) no longer
-fits: 3 seeds of 1,000 steps alone would take 3 × 1000 × 877.6 ms = 44 minutes.
+3 seeds of 1,000 steps would take 3 × 1000 × 877.6 ms = 44 minutes alone: longer runs are the
+long preset's.
 
 ``--preset=long``: a 4-layer d192 model, 3 × the default's steps (final and tuning runs): about
 2.5 hours on 2 CPU cores (mean step times ~3.5 × the default's: adamw 324 ms, kl_shampoo 441 ms,
