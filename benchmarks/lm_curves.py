@@ -52,7 +52,8 @@ Second axes (``SECOND_AXES``; grids in ``DEFAULT_HPARAM_GRIDS``, learning rates 
 The rate grids are ×√10 apart and centred, for every method alike, on the method's best rate in
 the tuning of a full default run (40-step trials): AdamW 3e-3, Shampoo 3e-3, SOAP 1e-2, KL-SOAP
 1e-2, KL-Shampoo 1e-2, KL-Shampoo (reference) 3e-2, PSGD Kron 1e-3 (scale 30). The long preset
-applies the same rule on its model: AdamW's and KL-SOAP's grids are one step lower there.
+applies the same rule on its model: AdamW's, KL-SOAP's, the reference KL-Shampoo's and Kron's
+grids are one step lower there.
 
 Every method: ``optax.chain(clip_by_global_norm(1.0), <method>)``, warmup-cosine schedule
 (``warmup_fraction`` of the steps, then cosine to a tenth of the peak), decoupled weight decay
@@ -260,10 +261,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     steps=3 * ExperimentConfig.steps,
     tune_steps=3 * ExperimentConfig.tune_steps,
     eval_every=50,
-    # The default grids' rule (each centred on its own method's pick): on this model AdamW's and
-    # KL-SOAP's picks from the default grids sat on the bottom edge, so theirs move down one
-    # step; the other methods keep the default grids.
-    lr_grids={"adamw": (3e-4, 1e-3, 3e-3), "kl_soap": (1e-3, 3e-3, 1e-2)},
+    # The default grids' rule, each centred on its own method's pick on this model: AdamW's,
+    # KL-SOAP's, the authors' KL-Shampoo's and Kron's are one step lower than the default's.
+    lr_grids={
+      "adamw": (3e-4, 1e-3, 3e-3),
+      "kl_soap": (1e-3, 3e-3, 1e-2),
+      "kl_shampoo_ref": (3e-3, 1e-2, 3e-2),
+      "psgd_kron": (1e-4, 3e-4, 1e-3),
+    },
   ),
   "gpu": dict(
     model=lm_model.ModelConfig(seq_len=128, d_model=256, num_layers=4, num_heads=8),
