@@ -614,6 +614,14 @@ def crossing_point(curves: Mapping[str, np.ndarray], val: np.ndarray, target: fl
   )
 
 
+def reference_target(runs: Mapping[str, Sequence[RunResult]]) -> dict[str, Any] | None:
+  """``{"method", "val_loss"}``: AdamW's mean final loss over its seeds, or None without it."""
+  if REFERENCE_METHOD not in runs:
+    return None
+  reference = mean_std([r.final_val_loss for r in runs[REFERENCE_METHOD]])[0]
+  return {"method": REFERENCE_METHOD, "val_loss": reference} if math.isfinite(reference) else None
+
+
 def target_crossings(
   runs: Sequence[RunResult], target: float | None
 ) -> tuple[float | None, float | None, list[float | None]]:
@@ -846,11 +854,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     for m in methods
   ]
   by_method = {m: [r for r in results if r.method == m] for m in methods}
-  target = None
-  if REFERENCE_METHOD in by_method:
-    reference = mean_std([r.final_val_loss for r in by_method[REFERENCE_METHOD]])[0]
-    if math.isfinite(reference):
-      target = {"method": REFERENCE_METHOD, "val_loss": reference}
+  target = reference_target(by_method)
   target_loss = target["val_loss"] if target else None
   summary: dict[str, Any] = {
     "config": dataclasses.asdict(config),
@@ -929,11 +933,7 @@ def merge_outputs(out_dirs: Sequence[str], out_dir: str) -> dict[str, Any]:
     if config != base:
       differ = sorted(k for k in config if config[k] != base.get(k))
       raise ValueError(f"{d} was run with another configuration ({differ}).")
-  target = None
-  if REFERENCE_METHOD in runs:
-    reference = mean_std([r.final_val_loss for r in runs[REFERENCE_METHOD]])[0]
-    if math.isfinite(reference):
-      target = {"method": REFERENCE_METHOD, "val_loss": reference}
+  target = reference_target(runs)
   methods: dict[str, Any] = {}
   for method in [m for m in METHODS if m in runs]:
     entry = dict(next(s["methods"][method] for s in summaries if method in s["methods"]))
