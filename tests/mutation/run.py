@@ -1,0 +1,392 @@
+"""Mutation testing of kl_precond with cosmic-ray: one command, run by hand (not in CI).
+
+    python tests/mutation/run.py --seed 0 --per-module 40 --workers 2
+
+What it does, on a scratch copy (never on the checkout, which another process may be testing):
+
+1. ``git archive`` of ``--rev`` (default ``HEAD``) into ``--scratch``/<commit>/base and one copy
+   per worker (w0, w1, ...). Only committed code is mutated and tested.
+2. Coverage map: the tests in ``TEST_FILES`` run once on the base copy under pytest-cov with one
+   coverage context per test, and ``timing_plugin`` records each test's duration. Cached per
+   commit.
+3. Per module in ``MODULES``: ``cosmic_ray.commands.init`` writes every mutant of all core
+   operators into a cosmic-ray session (``<module>.sqlite``); mutants inside annotations (never
+   evaluated: every module has ``from __future__ import annotations``) and inside the arguments of
+   a ``raise`` (the error message text) are marked skipped; of the rest, ``--per-module`` are
+   drawn with ``random.Random(seed)`` from the list sorted by (operator, occurrence), the others
+   are marked skipped (the same mark cosmic-ray's own filters use).
+4. Each sampled mutant is applied by cosmic-ray to a worker's copy and the tests that cover its
+   lines run in a fresh ``python -m pytest -x`` process: the covering tests taken round-robin over
+   their files, fastest first, until ``--budget`` seconds of (unmutated) test time. A mutant on a
+   line that only runs at import time (module constants, default arguments, decorators) takes the
+   tests that cover any line of the module. A mutant whose lines no test runs is recorded as
+   survived without a run.
+5. Results: per module killed / total; a timeout (cosmic-ray kills the run after ``--timeout-factor``
+   times the selection's test time plus the process start) counts as killed, and is shown in its
+   own column; ``incompetent`` (the mutated module does not import, or cosmic-ray failed) is shown
+   too and counts as killed by cosmic-ray. Survivors listed in ``equivalents.py`` are named
+   equivalent. Written to ``<scratch>/<commit>/report.md`` and ``results.json`` and printed.
+
+``--rerun results.json`` runs only the mutants that survived in that report (same seed and
+sample) on the current ``--rev``, to show that new tests kill them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import attrs
+from cosmic_ray.commands.init import init as cr_init
+from cosmic_ray.config import load_config, serialize_config
+from cosmic_ray.mutating import mutate_and_test
+from cosmic_ray.work_db import WorkDB, use_db
+from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from equivalents import EQUIVALENTS  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+MODULES = [
+  "estimators",
+  "basis",
+  "scaling",
+  "grafting",
+  "layout",
+  "preconditioner",
+  "tensor_ops",
+  "_validation",
+]
+# The tests whose coverage decides what each mutant runs: the default suite less the notebooks,
+# README/docs/benchmark smoke runs, optax's 30k-step contrib matrix, subprocess import checks and
+# the HLO checks (none of which is a check of one module's numbers or conditions).
+TEST_FILES = [
+  "tests/test_decomposition_order.py",
+  "tests/test_diagnostics.py",
+  "tests/test_ecosystem.py",
+  "tests/test_eigenvalue_corrected.py",
+  "tests/test_factor_invariant.py",
+  "tests/test_faults.py",
+  "tests/test_invariances.py",
+  "tests/test_kl_roots.py",
+  "tests/test_lapack_padding.py",
+  "tests/test_layouts.py",
+  "tests/test_memory.py",
+  "tests/test_methods.py",
+  "tests/test_mutation_kills.py",
+  "tests/test_parity.py",
+  "tests/test_precision.py",
+  "tests/test_properties.py",
+  "tests/test_scale_invariance.py",
+  "tests/test_shampoo.py",
+  "tests/test_sharding.py",
+  "tests/test_statistics_options.py",
+  "tests/test_validation.py",
+]
+STARTUP_SECONDS = 8.0  # python + jax + pytest start of one mutant's run, measured on the 2-core VM
+
+
+def _copy(rev: str, dest: Path) -> None:
+  if dest.exists():
+    return
+  dest.mkdir(parents=True)
+  archive = subprocess.run(
+    ["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True
+  )
+  subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+
+
+def _spans(path: Path) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+  """Source spans whose mutants are skipped: annotations and the arguments of ``raise X(...)``."""
+  tree = ast.parse(path.read_text())
+  nodes = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.arg) and node.annotation is not None:
+      nodes.append(node.annotation)
+    elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None:
+      nodes.append(node.returns)
+    elif isinstance(node, ast.AnnAssign):
+      nodes.append(node.annotation)
+    elif isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+      nodes.extend(node.exc.args)
+      nodes.extend(keyword.value for keyword in node.exc.keywords)
+  return [((n.lineno, n.col_offset), (n.end_lineno, n.end_col_offset)) for n in nodes]
+
+
+def _excluded(start: tuple[int, int], spans) -> bool:
+  return any(lo <= tuple(start) < hi for lo, hi in spans)
+
+
+def coverage_map(base: Path, out: Path, workers: int) -> dict:
+  """{"lines": {module: {line: [nodeid, ...]}}, "durations": {nodeid: seconds}}, cached."""
+  cached = out / "coverage_map.json"
+  if cached.exists():
+    return json.loads(cached.read_text())
+  env = dict(os.environ, PYTHONPATH=str(base), KL_MUTATION_DURATIONS=str(out / "durations.json"))
+  files = [f for f in TEST_FILES if (base / f).exists()]
+  start = time.time()
+  command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+  command += ["-p", "tests.mutation.timing_plugin", "--cov=kl_precond", "--cov-context=test"]
+  command += ["--cov-report=", "-n", str(workers), "--dist", "loadfile", *files]
+  run = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True)
+  print(run.stdout.strip().splitlines()[-1], f"(coverage map: {time.time() - start:.0f} s)")
+  if run.returncode != 0:
+    raise SystemExit(f"the tests fail on the unmutated copy:\n{run.stdout[-5000:]}")
+  import coverage
+
+  data = coverage.CoverageData(basename=str(base / ".coverage"))
+  data.read()
+  lines: dict = {}
+  for module in MODULES:
+    path = str(base / "kl_precond" / f"{module}.py")
+    by_line = data.contexts_by_lineno(path)
+    lines[module] = {
+      str(line): sorted({c.rsplit("|", 1)[0] for c in contexts if c})
+      for line, contexts in by_line.items()
+    }
+  result = {"lines": lines, "durations": json.loads((out / "durations.json").read_text())}
+  cached.write_text(json.dumps(result))
+  return result
+
+
+def _select(nodeids, durations, budget: float) -> tuple[list[str], float]:
+  """Round-robin over test files, fastest test first in each, until ``budget`` seconds."""
+  by_file = defaultdict(list)
+  for nodeid in sorted(nodeids, key=lambda n: (durations.get(n, 60.0), n)):
+    by_file[nodeid.split("::")[0]].append(nodeid)
+  queues = sorted(by_file.values(), key=lambda q: durations.get(q[0], 60.0))
+  chosen, total = [], 0.0
+  while any(queues) and (not chosen or total < budget):
+    for queue in queues:
+      if queue and (not chosen or total < budget):
+        nodeid = queue.pop(0)
+        chosen.append(nodeid)
+        total += durations.get(nodeid, 60.0)
+  return chosen, total
+
+
+def _result_row(module, item, result, selection) -> dict:
+  mutation = item.mutations[0]
+  diff = [
+    ln for ln in (result.diff or "").splitlines() if ln[:1] in "+-" and ln[:3] not in ("+++", "---")
+  ]
+  old = next((ln[1:].strip() for ln in diff if ln.startswith("-")), "")
+  new = next((ln[1:].strip() for ln in diff if ln.startswith("+")), "")
+  outcome = result.test_outcome.value if result.test_outcome else result.worker_outcome.value
+  if result.output == "timeout":
+    outcome = "timeout"
+  return {
+    "module": module,
+    "operator": mutation.operator_name,
+    "occurrence": mutation.occurrence,
+    "line": mutation.start_pos[0],
+    "old": old,
+    "new": new,
+    "outcome": outcome,
+    "tests": len(selection),
+    "seconds": round(result_seconds(result), 1),
+  }
+
+
+def result_seconds(result) -> float:
+  return getattr(result, "_seconds", 0.0)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--per-module", type=int, default=40, help="mutants drawn per module")
+  parser.add_argument("--workers", type=int, default=2, help="mutants run at once (copies)")
+  parser.add_argument("--budget", type=float, default=20.0, help="test seconds per mutant")
+  parser.add_argument("--timeout-factor", type=float, default=3.0)
+  parser.add_argument("--rev", default="HEAD")
+  parser.add_argument("--scratch", default="/work/mut")
+  parser.add_argument("--modules", default=",".join(MODULES))
+  parser.add_argument("--rerun", help="results.json of an earlier run: run only its survivors")
+  args = parser.parse_args()
+
+  commit = subprocess.run(
+    ["git", "-C", str(REPO), "rev-parse", args.rev], check=True, capture_output=True, text=True
+  ).stdout.strip()
+  out = Path(args.scratch) / commit[:12]
+  out.mkdir(parents=True, exist_ok=True)
+  started = time.time()
+  base = out / "base"
+  _copy(commit, base)
+  copies = [out / f"w{i}" for i in range(args.workers)]
+  for copy in copies:
+    _copy(commit, copy)
+  cmap = coverage_map(base, out, args.workers)
+  durations = cmap["durations"]
+  rerun = None
+  if args.rerun:
+    rerun = {
+      (r["module"], r["operator"], r["occurrence"])
+      for r in json.loads(Path(args.rerun).read_text())["rows"]
+      if r["outcome"] == "survived"
+    }
+
+  jobs = []  # (module, work item, selection, test seconds)
+  modules = args.modules.split(",")
+  for module in modules:
+    rel = Path("kl_precond") / f"{module}.py"
+    session = out / f"{module}.sqlite"
+    config = load_config(str(REPO / "tests" / "mutation" / "cosmic-ray.toml"))
+    config["module-path"] = str(rel)
+    (out / f"{module}.toml").write_text(serialize_config(config))
+    with use_db(str(session), WorkDB.Mode.create) as db:
+      cwd = os.getcwd()
+      os.chdir(base)
+      try:
+        cr_init([rel], db, config.operators_config)
+      finally:
+        os.chdir(cwd)
+      spans = _spans(base / rel)
+      items = sorted(
+        db.pending_work_items,
+        key=lambda i: (i.mutations[0].operator_name, i.mutations[0].occurrence),
+      )
+      eligible = [i for i in items if not _excluded(i.mutations[0].start_pos, spans)]
+      sample = random.Random(args.seed).sample(eligible, min(args.per_module, len(eligible)))
+      if rerun is not None:
+        sample = [
+          i
+          for i in sample
+          if (module, i.mutations[0].operator_name, i.mutations[0].occurrence) in rerun
+        ]
+      chosen = {i.job_id for i in sample}
+      skipped = [i.job_id for i in items if i.job_id not in chosen]
+      db.set_multiple_results(
+        skipped, WorkResult(output="not sampled, or excluded", worker_outcome=WorkerOutcome.SKIPPED)
+      )
+      print(
+        f"{module}: {len(items)} mutants, {len(eligible)} outside annotations/messages, {len(sample)} drawn"
+      )
+    lines = cmap["lines"][module]
+    module_tests = sorted({t for ts in lines.values() for t in ts})
+    for item in sample:
+      mutation = item.mutations[0]
+      covering = set()
+      for line in range(mutation.start_pos[0], mutation.end_pos[0] + 1):
+        covering.update(lines.get(str(line), ()))
+      if not covering and lines.get(str(mutation.start_pos[0])) is not None:
+        covering = set(module_tests)  # the line runs at import time only
+      selection, seconds = _select(covering, durations, args.budget)
+      jobs.append((module, item, selection, seconds))
+
+  estimate = sum(STARTUP_SECONDS + s for *_, s in jobs) / args.workers
+  print(
+    f"{len(jobs)} mutants, about {estimate / 60:.0f} min of test time on {args.workers} workers"
+  )
+  free = list(copies)
+  rows = []
+  timings = {}
+
+  def work(job):
+    module, item, selection, seconds = job
+    copy = free.pop()
+    try:
+      mutation = attrs.evolve(item.mutations[0], module_path=copy / item.mutations[0].module_path)
+      if not selection:
+        return (
+          job,
+          WorkResult(
+            output="no test runs this line",
+            test_outcome=TestOutcome.SURVIVED,
+            worker_outcome=WorkerOutcome.NORMAL,
+          ),
+          0.0,
+        )
+      timeout = args.timeout_factor * seconds + 2 * STARTUP_SECONDS + 30
+      command = [
+        "env",
+        "-C",
+        str(copy),
+        f"PYTHONPATH={copy}",
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+      ]
+      command += ["-p", "no:cacheprovider", "-n", "0", "--timeout", str(int(timeout)), *selection]
+      t0 = time.time()
+      result = mutate_and_test([mutation], shlex.join(command), timeout)
+      return job, result, time.time() - t0
+    finally:
+      free.append(copy)
+
+  done = 0
+  with ThreadPoolExecutor(max_workers=args.workers) as pool:
+    for (module, item, selection, _), result, seconds in pool.map(work, jobs):
+      done += 1
+      with use_db(str(out / f"{module}.sqlite"), WorkDB.Mode.open) as db:
+        db.set_result(item.job_id, result)
+      row = _result_row(module, item, result, selection)
+      row["seconds"] = round(seconds, 1)
+      key = (module, row["operator"], row["old"], row["new"])
+      if row["outcome"] == "survived" and key in EQUIVALENTS:
+        row["equivalent"] = EQUIVALENTS[key]
+      if row["outcome"] == "survived":
+        row["diff"] = result.diff
+        row["selection"] = selection
+      rows.append(row)
+      timings[module] = timings.get(module, 0.0) + seconds
+      print(
+        f"[{done}/{len(jobs)} {time.time() - started:.0f}s] {module}:{row['line']} {row['operator']} -> {row['outcome']} ({seconds:.0f} s)",
+        flush=True,
+      )
+
+  report(rows, modules, commit, time.time() - started, args, out)
+
+
+def report(rows, modules, commit, seconds, args, out: Path) -> None:
+  table = [
+    "| module | killed / total | survived (equivalent) | of which timeouts | incompetent | score |"
+  ]
+  table.append("| --- | --- | --- | --- | --- | --- |")
+  for module in modules:
+    mine = [r for r in rows if r["module"] == module]
+    killed = [r for r in mine if r["outcome"] in ("killed", "timeout", "incompetent")]
+    survived = [r for r in mine if r["outcome"] == "survived"]
+    equivalent = [r for r in survived if "equivalent" in r]
+    timeouts = sum(r["outcome"] == "timeout" for r in mine)
+    incompetent = sum(r["outcome"] == "incompetent" for r in mine)
+    score = len(killed) / max(1, len(mine) - len(equivalent))
+    table.append(
+      f"| `{module}` | {len(killed)} / {len(mine)} | {len(survived)} ({len(equivalent)}) | {timeouts} | {incompetent} | {100 * score:.0f}% |"
+    )
+  lines = [
+    f"commit {commit}, seed {args.seed}, {args.per_module} per module, {args.workers} workers, {seconds / 60:.1f} min",
+    "",
+  ]
+  lines += table + ["", "Survivors:", ""]
+  for r in rows:
+    if r["outcome"] == "survived":
+      note = f" — equivalent: {r['equivalent']}" if "equivalent" in r else ""
+      lines.append(
+        f"- `{r['module']}`:{r['line']} {r['operator']}: `{r['old']}` -> `{r['new']}`{note}"
+      )
+  text = "\n".join(lines)
+  print(text)
+  name = "rerun" if args.rerun else "results"
+  (out / f"{name}.md").write_text(text + "\n")
+  (out / f"{name}.json").write_text(
+    json.dumps({"commit": commit, "seconds": seconds, "rows": rows}, indent=1)
+  )
+
+
+if __name__ == "__main__":
+  main()
