@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import os
 import random
@@ -127,36 +128,72 @@ def _excluded(start: tuple[int, int], spans) -> bool:
   return any(lo <= tuple(start) < hi for lo, hi in spans)
 
 
-def coverage_map(base: Path, out: Path, workers: int) -> dict:
-  """{"lines": {module: {line: [nodeid, ...]}}, "durations": {nodeid: seconds}}, cached."""
-  cached = out / "coverage_map.json"
-  if cached.exists():
-    return json.loads(cached.read_text())
-  env = dict(os.environ, PYTHONPATH=str(base), KL_MUTATION_DURATIONS=str(out / "durations.json"))
-  files = [f for f in TEST_FILES if (base / f).exists()]
-  start = time.time()
-  command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-  command += ["-p", "tests.mutation.timing_plugin", "--cov=kl_precond", "--cov-context=test"]
-  command += ["--cov-report=", "-n", str(workers), "--dist", "loadfile", *files]
-  run = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True)
-  print(run.stdout.strip().splitlines()[-1], f"(coverage map: {time.time() - start:.0f} s)")
-  if run.returncode != 0:
-    raise SystemExit(f"the tests fail on the unmutated copy:\n{run.stdout[-5000:]}")
-  import coverage
+def _file_key(base: Path, test_file: str) -> str:
+  """What a test file's coverage depends on: the package, the test helpers and the file itself."""
+  digest = hashlib.sha256()
+  sources = sorted((base / "kl_precond").glob("*.py")) + sorted(
+    p for p in (base / "tests").glob("*.py") if not p.name.startswith("test_")
+  )
+  for path in [*sources, base / test_file]:
+    digest.update(str(path.relative_to(base)).encode() + b"\0" + path.read_bytes())
+  return digest.hexdigest()[:16]
 
-  data = coverage.CoverageData(basename=str(base / ".coverage"))
-  data.read()
-  lines: dict = {}
-  for module in MODULES:
-    path = str(base / "kl_precond" / f"{module}.py")
-    by_line = data.contexts_by_lineno(path)
-    lines[module] = {
-      str(line): sorted({c.rsplit("|", 1)[0] for c in contexts if c})
-      for line, contexts in by_line.items()
+
+def split_by_file(result: dict, base: Path, cache: Path) -> None:
+  """Store a coverage map per test file, so a later commit that adds tests reuses the others."""
+  cache.mkdir(parents=True, exist_ok=True)
+  for test_file in {n.split("::")[0] for n in result["durations"]}:
+    if not (base / test_file).exists():
+      continue
+    part = {
+      "lines": {
+        module: {
+          line: [n for n in ids if n.startswith(test_file + "::")] for line, ids in lines.items()
+        }
+        for module, lines in result["lines"].items()
+      },
+      "durations": {n: d for n, d in result["durations"].items() if n.startswith(test_file + "::")},
     }
-  result = {"lines": lines, "durations": json.loads((out / "durations.json").read_text())}
-  cached.write_text(json.dumps(result))
-  return result
+    (cache / f"{_file_key(base, test_file)}.json").write_text(json.dumps(part))
+
+
+def coverage_map(base: Path, out: Path, workers: int, cache: Path) -> dict:
+  """{"lines": {module: {line: [nodeid, ...]}}, "durations": {nodeid: seconds}}: the test files
+  whose code, helpers and package are unchanged come from the cache, the others are run."""
+  files = [f for f in TEST_FILES if (base / f).exists()]
+  missing = [f for f in files if not (cache / f"{_file_key(base, f)}.json").exists()]
+  if missing:
+    env = dict(os.environ, PYTHONPATH=str(base), KL_MUTATION_DURATIONS=str(out / "durations.json"))
+    start = time.time()
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    command += ["-p", "tests.mutation.timing_plugin", "--cov=kl_precond", "--cov-context=test"]
+    command += ["--cov-report=", "-n", str(workers), "--dist", "loadfile", *missing]
+    run = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True)
+    tail = run.stdout.strip().splitlines()[-1]
+    print(f"coverage map of {len(missing)} test files: {tail} ({time.time() - start:.0f} s)")
+    if run.returncode != 0:
+      raise SystemExit(f"the tests fail on the unmutated copy:\n{run.stdout[-5000:]}")
+    import coverage
+
+    data = coverage.CoverageData(basename=str(base / ".coverage"))
+    data.read()
+    lines: dict = {}
+    for module in MODULES:
+      by_line = data.contexts_by_lineno(str(base / "kl_precond" / f"{module}.py"))
+      lines[module] = {
+        str(line): sorted({c.rsplit("|", 1)[0] for c in contexts if c})
+        for line, contexts in by_line.items()
+      }
+    durations = json.loads((out / "durations.json").read_text())
+    split_by_file({"lines": lines, "durations": durations}, base, cache)
+  merged: dict = {"lines": {m: defaultdict(list) for m in MODULES}, "durations": {}}
+  for test_file in files:
+    part = json.loads((cache / f"{_file_key(base, test_file)}.json").read_text())
+    merged["durations"].update(part["durations"])
+    for module in MODULES:
+      for line, ids in part["lines"].get(module, {}).items():
+        merged["lines"][module][line].extend(ids)
+  return merged
 
 
 def _select(nodeids, durations, budget: float) -> tuple[list[str], float]:
@@ -194,12 +231,7 @@ def _result_row(module, item, result, selection) -> dict:
     "new": new,
     "outcome": outcome,
     "tests": len(selection),
-    "seconds": round(result_seconds(result), 1),
   }
-
-
-def result_seconds(result) -> float:
-  return getattr(result, "_seconds", 0.0)
 
 
 def main() -> None:
@@ -228,7 +260,7 @@ def main() -> None:
   copies = [out / f"w{i}" for i in range(args.workers)]
   for copy in copies:
     _copy(commit, copy)
-  cmap = coverage_map(base, out, args.workers)
+  cmap = coverage_map(base, out, args.workers, Path(args.scratch) / "coverage-cache")
   durations = cmap["durations"]
   rerun = None
   if args.rerun:
