@@ -16,8 +16,8 @@ What it does, on a scratch copy (never on the checkout, which another process ma
    drawn with ``random.Random(seed)`` from the list sorted by (operator, occurrence), the others
    are marked skipped (the same mark cosmic-ray's own filters use).
 4. Each sampled mutant is applied by cosmic-ray to a worker's copy and the tests that cover its
-   lines run in a fresh ``python -m pytest -x`` process: the covering tests taken round-robin over
-   their files, fastest first, until ``--budget`` seconds of (unmutated) test time. A mutant on a
+   lines run in a fresh ``python -m pytest -x`` process: the fastest covering test of each test file,
+   then the fastest of the rest, until ``--budget`` seconds of (unmutated) test time. A mutant on a
    line that only runs at import time (module constants, default arguments, decorators) takes the
    tests that cover any line of the module. A mutant whose lines no test runs is recorded as
    survived without a run.
@@ -197,18 +197,21 @@ def coverage_map(base: Path, out: Path, workers: int, cache: Path) -> dict:
 
 
 def _select(nodeids, durations, budget: float) -> tuple[list[str], float]:
-  """Round-robin over test files, fastest test first in each, until ``budget`` seconds."""
-  by_file = defaultdict(list)
-  for nodeid in sorted(nodeids, key=lambda n: (durations.get(n, 60.0), n)):
-    by_file[nodeid.split("::")[0]].append(nodeid)
-  queues = sorted(by_file.values(), key=lambda q: durations.get(q[0], 60.0))
+  """The fastest test of each file (files in order of that test's time), then the fastest of
+  the rest, until ``budget`` seconds: every file that covers the line has a say, and the cheap
+  tests (e.g. the validation table) all run."""
+  ordered = sorted(nodeids, key=lambda n: (durations.get(n, 60.0), n))
+  firsts: dict[str, str] = {}
+  for nodeid in ordered:
+    firsts.setdefault(nodeid.split("::")[0], nodeid)
   chosen, total = [], 0.0
-  while any(queues) and (not chosen or total < budget):
-    for queue in queues:
-      if queue and (not chosen or total < budget):
-        nodeid = queue.pop(0)
-        chosen.append(nodeid)
-        total += durations.get(nodeid, 60.0)
+  for nodeid in [*firsts.values(), *ordered]:
+    if nodeid in chosen:
+      continue
+    if chosen and total + durations.get(nodeid, 60.0) > budget:
+      continue
+    chosen.append(nodeid)
+    total += durations.get(nodeid, 60.0)
   return chosen, total
 
 
@@ -330,6 +333,9 @@ def main() -> None:
     module, item, selection, seconds = job
     copy = free.pop()
     try:
+      # A run stopped mid-mutant leaves the copy mutated: start each mutant from the clean file.
+      clean = base / item.mutations[0].module_path
+      (copy / item.mutations[0].module_path).write_bytes(clean.read_bytes())
       mutation = attrs.evolve(item.mutations[0], module_path=copy / item.mutations[0].module_path)
       if not selection:
         return (
