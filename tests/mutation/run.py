@@ -16,18 +16,20 @@ What it does, on a scratch copy (never on the checkout, which another process ma
    drawn with ``random.Random(seed)`` from the list sorted by (operator, occurrence), the others
    are marked skipped (the same mark cosmic-ray's own filters use).
 4. Each sampled mutant is applied by cosmic-ray to a worker's copy and the tests that cover its
-   lines run in a fresh ``python -m pytest -x`` process: the fastest covering test of each test file,
-   then the fastest of the rest, until ``--budget`` seconds of (unmutated) test time. A mutant on a
+   lines run in a fresh ``python -m pytest -x`` process: the covering tests that run the fewest lines
+   of the module first (unit tests before end-to-end runs), then the fastest, for half of
+   ``--budget`` seconds of (unmutated) test time, then the most specific test of each other
+   covering file, then the rest, until ``--budget``. A mutant on a
    line that only runs at import time (module constants, default arguments, decorators) takes the
    tests that cover any line of the module. A mutant whose lines no test runs is recorded as
    survived without a run.
 5. Results: per module killed / total; a timeout (cosmic-ray kills the run after ``--timeout-factor``
-   times the selection's test time plus the process start) counts as killed, and is shown in its
+   times the selection's test time plus 120 s) counts as killed, and is shown in its
    own column; ``incompetent`` (the mutated module does not import, or cosmic-ray failed) is shown
    too and counts as killed by cosmic-ray. Survivors listed in ``equivalents.py`` are named
    equivalent. Written to ``<scratch>/<commit>/report.md`` and ``results.json`` and printed.
 
-``--rerun results.json`` runs only the mutants that survived in that report (same seed and
+``--rerun results.json`` runs only the mutants that survived or timed out in that report (same seed and
 sample) on the current ``--rev``, to show that new tests kill them.
 """
 
@@ -196,22 +198,22 @@ def coverage_map(base: Path, out: Path, workers: int, cache: Path) -> dict:
   return merged
 
 
-def _select(nodeids, durations, budget: float) -> tuple[list[str], float]:
-  """The fastest test of each file (files in order of that test's time), then the fastest of
-  the rest, until ``budget`` seconds: every file that covers the line has a say, and the cheap
-  tests (e.g. the validation table) all run."""
-  ordered = sorted(nodeids, key=lambda n: (durations.get(n, 60.0), n))
+def _select(nodeids, durations, budget: float, reach: dict) -> tuple[list[str], float]:
+  """The covering tests, the most specific first (fewest lines of the module run, i.e. unit
+  tests before end-to-end runs; then the fastest) for half of ``budget`` seconds of test time,
+  then the most specific test of each file not yet chosen, then the rest in the same order."""
+  ordered = sorted(nodeids, key=lambda n: (reach.get(n, 0), durations.get(n, 60.0), n))
   firsts: dict[str, str] = {}
   for nodeid in ordered:
     firsts.setdefault(nodeid.split("::")[0], nodeid)
-  chosen, total = [], 0.0
-  for nodeid in [*firsts.values(), *ordered]:
-    if nodeid in chosen:
-      continue
-    if chosen and total + durations.get(nodeid, 60.0) > budget:
-      continue
-    chosen.append(nodeid)
-    total += durations.get(nodeid, 60.0)
+  chosen: list[str] = []
+  total = 0.0
+  for limit, candidates in ((budget / 2, ordered), (budget, firsts.values()), (budget, ordered)):
+    for nodeid in candidates:
+      cost = durations.get(nodeid, 60.0)
+      if nodeid not in chosen and (not chosen or total + cost <= limit):
+        chosen.append(nodeid)
+        total += cost
   return chosen, total
 
 
@@ -244,8 +246,8 @@ def main() -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--per-module", type=int, default=40, help="mutants drawn per module")
   parser.add_argument("--workers", type=int, default=2, help="mutants run at once (copies)")
-  parser.add_argument("--budget", type=float, default=20.0, help="test seconds per mutant")
-  parser.add_argument("--timeout-factor", type=float, default=3.0)
+  parser.add_argument("--budget", type=float, default=30.0, help="test seconds per mutant")
+  parser.add_argument("--timeout-factor", type=float, default=4.0)
   parser.add_argument("--rev", default="HEAD")
   parser.add_argument("--scratch", default="/work/mut")
   parser.add_argument("--modules", default=",".join(MODULES))
@@ -270,7 +272,7 @@ def main() -> None:
     rerun = {
       (r["module"], r["operator"], r["occurrence"])
       for r in json.loads(Path(args.rerun).read_text())["rows"]
-      if r["outcome"] == "survived"
+      if r["outcome"] in ("survived", "timeout")
     }
 
   jobs = []  # (module, work item, selection, test seconds)
@@ -310,7 +312,11 @@ def main() -> None:
         f"{module}: {len(items)} mutants, {len(eligible)} outside annotations/messages, {len(sample)} drawn"
       )
     lines = cmap["lines"][module]
-    module_tests = sorted({t for ts in lines.values() for t in ts})
+    reach: dict[str, int] = defaultdict(int)  # lines of this module each test runs
+    for ts in lines.values():
+      for t in ts:
+        reach[t] += 1
+    module_tests = sorted(reach)
     for item in sample:
       mutation = item.mutations[0]
       covering = set()
@@ -318,7 +324,7 @@ def main() -> None:
         covering.update(lines.get(str(line), ()))
       if not covering and lines.get(str(mutation.start_pos[0])) is not None:
         covering = set(module_tests)  # the line runs at import time only
-      selection, seconds = _select(covering, durations, args.budget)
+      selection, seconds = _select(covering, durations, args.budget, reach)
       jobs.append((module, item, selection, seconds))
 
   estimate = sum(STARTUP_SECONDS + s for *_, s in jobs) / args.workers
@@ -347,7 +353,9 @@ def main() -> None:
           ),
           0.0,
         )
-      timeout = args.timeout_factor * seconds + 2 * STARTUP_SECONDS + 30
+      # Generous: a test alone compiles what it shared with others in the coverage run, and the
+      # machine may be shared; only a mutant that hangs should reach it.
+      timeout = args.timeout_factor * seconds + 120
       command = [
         "env",
         "-C",
