@@ -77,7 +77,7 @@ def graft(
       ``magnitude``'s own.
     eps: added to the direction's norm.
     nonfinite: ``"skip"``: a call with a NaN/Inf gradient, or one whose squared norm (of any
-      tensor) exceeds the range of the magnitude's state dtype, so that its moments could
+      block; of any tensor without a layout) exceeds the range of the magnitude's state dtype, so that its moments could
       overflow, returns zeros and keeps the magnitude's state and the step counter (the direction
       handles its own state); a float16 magnitude state is instead checked after the step. A
       :class:`HoldingTransformation` magnitude (:func:`graft_magnitude`) keeps its state itself,
@@ -97,60 +97,72 @@ def graft(
   def init_fn(params: Any) -> GraftState:
     return GraftState(jnp.zeros((), jnp.int32), direction.init(params), magnitude.init(params))
 
-  def rescale_leaf(d: jax.Array, m: jax.Array) -> jax.Array:
-    if layout is None:
-      return _rescale(d, m, eps)
-    tensor = layout_lib.tensor_layout(d.shape, layout)
-    view_d, view_m = layout_lib.tiled(d, tensor), layout_lib.tiled(m, tensor)
-    if view_d is not None and view_m is not None:
-      # Equal blocks: per-block norms over the block axes of the tiled view (a reshape).
-      blocks_axes = tuple(range(1, view_d.ndim, 2))
-      return layout_lib.untiled(_rescale(view_d, view_m, eps, blocks_axes), tensor)
-    blocks = [
-      _rescale(bd, bm, eps)
-      for bd, bm in zip(
-        layout_lib.to_blocks(d, tensor), layout_lib.to_blocks(m, tensor), strict=True
-      )
-    ]
-    return layout_lib.from_blocks(blocks, tensor)
+  def rows(updates: Any) -> tuple[Any, Any, tuple[int, ...]]:
+    """How to stack the tree's blocks into rows and back, and each stack's real rows.
 
-  def graft_update(d: Any, m: Any, count: jax.Array) -> Any:
-    grafted = jax.tree.map(rescale_leaf, d, m)
+    With a layout, blocks of equal shape are stacked into buckets (as the preconditioner stacks
+    them), so the compiled step holds one set of norms and checks per bucket, not per leaf, and
+    does not grow with the depth of a model of repeated layers. Without one, every tensor is a
+    stack of one row.
+    """
+    if layout is None:
+      treedef = jax.tree.structure(updates)
+      sizes = tuple(1 for _ in range(treedef.num_leaves))
+
+      def gather(tree: Any) -> tuple[jax.Array, ...]:
+        return tuple(x[None] for x in treedef.flatten_up_to(tree))
+
+      def scatter(stacks: Any) -> Any:
+        return treedef.unflatten([x[0] for x in stacks])
+
+      return gather, scatter, sizes
+    tree = layout_lib.tree_layout(updates, layout)
+    sizes = tuple(len(bucket.members) for bucket in tree.buckets)
+    return (
+      lambda t: layout_lib.gather(t, tree),
+      lambda stacks: layout_lib.scatter(stacks, tree),
+      sizes,
+    )
+
+  def graft_rows(d: Any, m: Any, count: jax.Array) -> list[jax.Array]:
+    """Each row of ``d`` rescaled to the norm of the same row of ``m`` (from ``t_0``)."""
     preconditioning = count + 1 >= start_preconditioning_step
-    return jax.tree.map(lambda g, mm: jnp.where(preconditioning, g, mm), grafted, m)
+    return [
+      jnp.where(preconditioning, _rescale(sd, sm, eps, tuple(range(1, sd.ndim))), sm)
+      for sd, sm in zip(d, m, strict=True)
+    ]
 
   def update_fn(updates: Any, state: GraftState, params: Any = None) -> tuple[Any, GraftState]:
+    gather, scatter, sizes = rows(updates)
     # The direction guards its own state (it is never passed through a conditional here).
     d, direction_state = direction.update(updates, state.direction, params)
     if nonfinite == "skip" and not tensor_ops.narrower_than_float32(state.magnitude):
-      # Decided from the gradient alone, before the magnitude step.
-      ok = jnp.all(
-        jnp.asarray(
-          [tensor_ops.within_range(g[None], 1.0, state.magnitude) for g in jax.tree.leaves(updates)]
-          or [True]
-        )
+      # Decided from the gradient alone, before the magnitude step (every element of a block is
+      # at most its norm, so no moment can overflow).
+      ok = tensor_ops.all_of(
+        [tensor_ops.within_range(g, 1.0, state.magnitude) for g in gather(updates)]
       )
 
       if isinstance(magnitude, HoldingTransformation):
         # The magnitude holds its own state (rewritten in place, unchanged) on a skipped call.
         m, magnitude_state = magnitude.update(updates, state.magnitude, params, hold=~ok)
-        out = graft_update(d, m, state.count)
+        out = graft_rows(gather(d), gather(m), state.count)
       else:
         m, new_magnitude = magnitude.update(updates, state.magnitude, params)
-        out = graft_update(d, m, state.count)
+        out = graft_rows(gather(d), gather(m), state.count)
         # Selected only once ``out`` exists, so the old state has no reader left when the
         # select overwrites it, and XLA can update it in place.
         magnitude_state = tensor_ops.after(
           jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_magnitude, state.magnitude), out
         )
-      out = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), out)
       count = jnp.where(ok, optax.safe_increment(state.count), state.count)
-      # A non-finite step from finite state (only with graft eps = 0): a zero update.
-      finite = tensor_ops.all_finite(out)
-      out = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), out)
-      return out, GraftState(count, direction_state, magnitude_state)
+      # A non-finite step from finite state (only with graft eps = 0): a zero update. Padding
+      # rows (zero blocks: 0/0 with eps = 0) are not part of it.
+      finite = tensor_ops.all_finite([u[:n] for u, n in zip(out, sizes, strict=True)])
+      out = [jnp.where(ok & finite, u, jnp.zeros_like(u)) for u in out]
+      return scatter(out), GraftState(count, direction_state, magnitude_state)
     m, magnitude_state = magnitude.update(updates, state.magnitude, params)
-    out = graft_update(d, m, state.count)
+    out = scatter(graft_rows(gather(d), gather(m), state.count))
     new = (out, GraftState(optax.safe_increment(state.count), direction_state, magnitude_state))
     if nonfinite == "propagate":
       return new

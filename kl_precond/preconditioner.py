@@ -442,7 +442,7 @@ def _within_range(
     if any(bucket.preconditioned):
       gain = jax.vmap(stages.estimator.gain)(state.estimator, state.basis)
     flags.append(tensor_ops.within_range(grad, gain, (state.estimator, state.scaling)))
-  return jnp.all(jnp.asarray(flags or [True]))
+  return tensor_ops.all_of(flags)
 
 
 def block_axis(specs: Any) -> Any:

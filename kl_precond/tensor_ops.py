@@ -77,10 +77,26 @@ def kron_outer(vectors: Sequence[jax.Array | None], shape: Sequence[int]) -> jax
 
 def all_finite(tree: Any) -> jax.Array:
   """Whether every floating-point leaf of ``tree`` is finite (one fused reduction)."""
-  flags = [
-    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
-  ]
-  return jnp.all(jnp.asarray(flags or [True]))
+  return all_of(
+    [
+      jnp.all(jnp.isfinite(x))
+      for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+  )
+
+
+def all_of(flags: Sequence[jax.Array]) -> jax.Array:
+  """Whether every one of the scalar ``flags`` holds (none: True), as one value computed once.
+
+  ``jnp.all`` of stacked scalars would do, but XLA rewrites that reduction into a chain of
+  ``and``s and copies the chain into every fusion that reads its result. With a flag per leaf
+  read by every leaf's update (Shampoo's grafting), the compiled step then grows as the square
+  of the number of leaves. The first of the sorted flags (a sort, which XLA neither rewrites nor
+  copies) is the same value, and each reader copies only its one-element slice.
+  """
+  stacked = jnp.stack([jnp.asarray(f, jnp.int32) for f in flags] or [jnp.ones((), jnp.int32)])
+  return jax.lax.sort(stacked)[0] > 0
 
 
 def _range_limit(tree: Any) -> float:

@@ -25,3 +25,9 @@ def dots_on_every_call(hlo: str) -> int:
     seen.add(name)
     stack += re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", bodies[name])
   return sum(len(re.findall(r"= \S+ dot\(", bodies[name])) for name in seen)
+
+
+def instruction_count(hlo: str) -> int:
+  """Instructions in a compiled module's text: every ``%name = ...`` line, in every computation
+  (ENTRY, fusions, branches)."""
+  return len(re.findall(r"^\s*(?:ROOT )?%\S+ = ", hlo, re.M))
