@@ -106,7 +106,7 @@ def graft(
     stack of one row.
     """
     if layout is None:
-      treedef = jax.tree.structure(updates)
+      treedef: Any = jax.tree.structure(updates)
       sizes = tuple(1 for _ in range(treedef.num_leaves))
 
       def gather(tree: Any) -> tuple[jax.Array, ...]:
