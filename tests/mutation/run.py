@@ -1,6 +1,6 @@
 """Mutation testing of kl_precond with cosmic-ray: one command, run by hand (not in CI).
 
-    python tests/mutation/run.py --seed 0 --per-module 40 --workers 2
+    python tests/mutation/run.py --seed 0 --per-module 20 --workers 2
 
 What it does, on a scratch copy (never on the checkout, which another process may be testing):
 
@@ -22,7 +22,8 @@ What it does, on a scratch copy (never on the checkout, which another process ma
    covering file, then the rest, until ``--budget``. A mutant on a
    line that only runs at import time (module constants, default arguments, decorators) takes the
    tests that cover any line of the module. A mutant whose lines no test runs is recorded as
-   survived without a run.
+   survived without a run. Lines are looked up at their statement's first line too (where
+   coverage records a multi-line statement).
 5. Results: per module killed / total; a timeout (cosmic-ray kills the run after ``--timeout-factor``
    times the selection's test time plus 120 s) counts as killed, and is shown in its
    own column; ``incompetent`` (the mutated module does not import, or cosmic-ray failed) is shown
@@ -124,6 +125,22 @@ def _spans(path: Path) -> list[tuple[tuple[int, int], tuple[int, int]]]:
       nodes.extend(node.exc.args)
       nodes.extend(keyword.value for keyword in node.exc.keywords)
   return [((n.lineno, n.col_offset), (n.end_lineno, n.end_col_offset)) for n in nodes]
+
+
+def _statement_lines(path: Path) -> dict[int, int]:
+  """Line -> first line of the innermost statement spanning it: coverage records a statement
+  at its first line, so a mutant on a continuation line (a default argument of a multi-line
+  ``def``, an argument on the next line of a call) is looked up there too."""
+  first: dict[int, int] = {}
+  statements = sorted(
+    (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.stmt)),
+    key=lambda n: n.end_lineno - n.lineno,
+    reverse=True,
+  )
+  for node in statements:  # the widest first, so the innermost statement writes last
+    for line in range(node.lineno, node.end_lineno + 1):
+      first[line] = node.lineno
+  return first
 
 
 def _excluded(start: tuple[int, int], spans) -> bool:
@@ -244,7 +261,7 @@ def main() -> None:
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--per-module", type=int, default=40, help="mutants drawn per module")
+  parser.add_argument("--per-module", type=int, default=20, help="mutants drawn per module")
   parser.add_argument("--workers", type=int, default=2, help="mutants run at once (copies)")
   parser.add_argument("--budget", type=float, default=30.0, help="test seconds per mutant")
   parser.add_argument("--timeout-factor", type=float, default=4.0)
@@ -312,6 +329,7 @@ def main() -> None:
         f"{module}: {len(items)} mutants, {len(eligible)} outside annotations/messages, {len(sample)} drawn"
       )
     lines = cmap["lines"][module]
+    statement = _statement_lines(base / rel)
     reach: dict[str, int] = defaultdict(int)  # lines of this module each test runs
     for ts in lines.values():
       for t in ts:
@@ -319,11 +337,13 @@ def main() -> None:
     module_tests = sorted(reach)
     for item in sample:
       mutation = item.mutations[0]
+      span = range(mutation.start_pos[0], mutation.end_pos[0] + 1)
+      looked_up = {str(line) for line in span} | {str(statement.get(line, line)) for line in span}
       covering = set()
-      for line in range(mutation.start_pos[0], mutation.end_pos[0] + 1):
-        covering.update(lines.get(str(line), ()))
-      if not covering and lines.get(str(mutation.start_pos[0])) is not None:
-        covering = set(module_tests)  # the line runs at import time only
+      for line in looked_up:
+        covering.update(lines.get(line, ()))
+      if not covering and any(lines.get(line) is not None for line in looked_up):
+        covering = set(module_tests)  # the statement runs at import time only
       selection, seconds = _select(covering, durations, args.budget, reach)
       jobs.append((module, item, selection, seconds))
 
