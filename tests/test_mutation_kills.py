@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kl_precond import estimators
+from kl_precond import basis, estimators, scaling
 
 
 @pytest.fixture(autouse=True)
@@ -159,3 +159,46 @@ def test_kl_update_held_at_the_first_fold_changes_nothing():
     ):
       np.testing.assert_array_equal(new, old)
   del g
+
+
+def test_eigenvalue_floor_shifts_the_spectrum_up_to_the_floor():
+  """Distributed Shampoo's shift: if ``λ_min < floor``, ``λ ← λ - λ_min + floor``, else as is."""
+  refresh = basis.eigh_every(1, eigenvalue_floor=0.25)
+  for values in ([-0.5, 0.2, 3.0], [0.1, 0.2, 3.0], [0.3, 1.0, 2.0]):
+    v = np.array(values)
+    expected = v - v.min() + 0.25 if v.min() < 0.25 else v
+    np.testing.assert_allclose(refresh._floor(jnp.asarray(v), jnp.float64), expected, rtol=1e-12)
+
+
+def test_converged_is_the_off_diagonal_norm_against_the_tolerance():
+  """``‖B - diag(B)‖_F <= tolerance · ‖B‖_F``, on both sides of the threshold."""
+  rng = np.random.default_rng(8)
+  for off in (0.05, 0.05, 1.0, 5.0):  # near-diagonal, and mostly off-diagonal (tolerance near 1)
+    noise = off * rng.standard_normal((4, 4))
+    noise = noise + noise.T - 2 * np.diag(np.diag(noise))
+    b = np.diag(rng.uniform(0.5, 1.5, 4)) + noise
+    ratio = np.linalg.norm(b - np.diag(np.diag(b))) / np.linalg.norm(b)
+    for tolerance in (0.5 * ratio, 0.999 * ratio, min(1.0, 1.001 * ratio)):
+      assert bool(basis._diagonal_to(jnp.asarray(b), tolerance)) == (ratio <= tolerance)
+
+
+def test_relative_ridge_adds_the_largest_eigenvalue_times_the_ridge():
+  """``F + ρ λ_max(F) I`` with ``relative_ridge``, ``F + ρ I`` without (also the QR algorithm's
+  refresh, which has no such option)."""
+  rng = np.random.default_rng(9)
+  a = rng.standard_normal((5, 5))
+  f = a @ a.T
+  top = np.linalg.eigvalsh(f).max()
+  relative = basis.eigh_every(1, ridge=0.01, relative_ridge=True)._ridged(jnp.asarray(f))
+  np.testing.assert_allclose(relative, f + 0.01 * top * np.eye(5), rtol=1e-12)
+  for plain in (basis.eigh_every(1, ridge=0.01), basis.qr_algorithm_every(1, ridge=0.01)):
+    np.testing.assert_allclose(plain._ridged(jnp.asarray(f)), f + 0.01 * np.eye(5), rtol=1e-12)
+
+
+def test_kronecker_eigenvalues_default_exponent_is_one_half():
+  """``kronecker_eigenvalues()``: ``P = ⊗_i λ_i^(-1/2)`` by default (KL-Shampoo's power),
+  here with ``eps=0`` so that ``"outside"`` adds nothing."""
+  left, right = np.array([4.0, 0.25, 2.0]), np.array([9.0, 1.0])
+  stage = scaling.kronecker_eigenvalues(eps=0.0)
+  powers = stage._powers((jnp.asarray(left), jnp.asarray(right)), (3, 2))
+  np.testing.assert_allclose(powers, np.outer(left**-0.5, right**-0.5), rtol=1e-12)
