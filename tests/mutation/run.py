@@ -30,14 +30,16 @@ What it does, on a scratch copy (never on the checkout, which another process ma
    too and counts as killed by cosmic-ray. Survivors listed in ``equivalents.py`` are named
    equivalent. Written to ``<scratch>/<commit>/report.md`` and ``results.json`` and printed.
 
-``--rerun results.json`` runs only the mutants that survived or timed out in that report (same seed and
-sample) on the current ``--rev``, to show that new tests kill them.
+``--rerun results.json`` runs only the mutants that survived or timed out in that report, found
+again in ``--rev`` by their text (operator, removed and added line), to show that new tests kill
+them.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import hashlib
 import json
 import os
@@ -51,11 +53,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import attrs
+import cosmic_ray.plugins
 from cosmic_ray.commands.init import init as cr_init
 from cosmic_ray.config import load_config, serialize_config
-from cosmic_ray.mutating import mutate_and_test
+from cosmic_ray.mutating import mutate_and_test, mutate_code
 from cosmic_ray.work_db import WorkDB, use_db
-from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
+from cosmic_ray.work_item import MutationSpec, TestOutcome, WorkerOutcome, WorkResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from equivalents import EQUIVALENTS  # noqa: E402
@@ -141,6 +144,20 @@ def _statement_lines(path: Path) -> dict[int, int]:
     for line in range(node.lineno, node.end_lineno + 1):
       first[line] = node.lineno
   return first
+
+
+def _change(source: str, mutation) -> tuple[str, str]:
+  """The mutant's first removed and first added line, stripped (its name in reports and in
+  ``equivalents.py``; ``--rerun`` finds it again by it in a later commit)."""
+  operator = cosmic_ray.plugins.get_operator(mutation.operator_name)(**mutation.operator_args)
+  mutated = mutate_code(source, operator, mutation.occurrence) or source
+  removed, added = "", ""
+  for line in difflib.unified_diff(source.splitlines(), mutated.splitlines(), lineterm="", n=0):
+    if line.startswith("-") and not line.startswith("---") and not removed:
+      removed = line[1:].strip()
+    elif line.startswith("+") and not line.startswith("+++") and not added:
+      added = line[1:].strip()
+  return removed, added
 
 
 def _excluded(start: tuple[int, int], spans) -> bool:
@@ -234,13 +251,8 @@ def _select(nodeids, durations, budget: float, reach: dict) -> tuple[list[str], 
   return chosen, total
 
 
-def _result_row(module, item, result, selection) -> dict:
+def _result_row(module, item, result, selection, change) -> dict:
   mutation = item.mutations[0]
-  diff = [
-    ln for ln in (result.diff or "").splitlines() if ln[:1] in "+-" and ln[:3] not in ("+++", "---")
-  ]
-  old = next((ln[1:].strip() for ln in diff if ln.startswith("-")), "")
-  new = next((ln[1:].strip() for ln in diff if ln.startswith("+")), "")
   outcome = result.test_outcome.value if result.test_outcome else result.worker_outcome.value
   if result.output == "timeout":
     outcome = "timeout"
@@ -249,8 +261,8 @@ def _result_row(module, item, result, selection) -> dict:
     "operator": mutation.operator_name,
     "occurrence": mutation.occurrence,
     "line": mutation.start_pos[0],
-    "old": old,
-    "new": new,
+    "old": change[0],
+    "new": change[1],
     "outcome": outcome,
     "tests": len(selection),
   }
@@ -286,13 +298,21 @@ def main() -> None:
   durations = cmap["durations"]
   rerun = None
   if args.rerun:
-    rerun = {
-      (r["module"], r["operator"], r["occurrence"])
-      for r in json.loads(Path(args.rerun).read_text())["rows"]
-      if r["outcome"] in ("survived", "timeout")
-    }
+    earlier = json.loads(Path(args.rerun).read_text())
+    rerun = set()
+    for r in earlier["rows"]:
+      if r["outcome"] not in ("survived", "timeout"):
+        continue
+      if not (r["old"] or r["new"]):  # named again from the earlier commit's copy
+        path = Path(args.scratch) / earlier["commit"][:12] / "base" / "kl_precond"
+        spec = MutationSpec(
+          path / f"{r['module']}.py", r["operator"], r["occurrence"], (r["line"], 0), (r["line"], 1)
+        )
+        r["old"], r["new"] = _change(spec.module_path.read_text(), spec)
+      rerun.add((r["module"], r["operator"], r["old"], r["new"]))
 
   jobs = []  # (module, work item, selection, test seconds)
+  changes_by_job: dict[str, tuple[str, str]] = {}
   modules = args.modules.split(",")
   for module in modules:
     rel = Path("kl_precond") / f"{module}.py"
@@ -314,12 +334,18 @@ def main() -> None:
       )
       eligible = [i for i in items if not _excluded(i.mutations[0].start_pos, spans)]
       sample = random.Random(args.seed).sample(eligible, min(args.per_module, len(eligible)))
-      if rerun is not None:
+      source = (base / rel).read_text()
+      if rerun is not None:  # the earlier survivors, found again by their text in this commit
+        wanted = {(op, old, new) for m, op, old, new in rerun if m == module}
+        operators = {op for op, _, _ in wanted}
         sample = [
           i
-          for i in sample
-          if (module, i.mutations[0].operator_name, i.mutations[0].occurrence) in rerun
+          for i in eligible
+          if i.mutations[0].operator_name in operators
+          and (i.mutations[0].operator_name, *_change(source, i.mutations[0])) in wanted
         ]
+      changes = {i.job_id: _change(source, i.mutations[0]) for i in sample}
+      changes_by_job.update(changes)
       chosen = {i.job_id for i in sample}
       skipped = [i.job_id for i in items if i.job_id not in chosen]
       db.set_multiple_results(
@@ -400,7 +426,7 @@ def main() -> None:
       done += 1
       with use_db(str(out / f"{module}.sqlite"), WorkDB.Mode.open) as db:
         db.set_result(item.job_id, result)
-      row = _result_row(module, item, result, selection)
+      row = _result_row(module, item, result, selection, changes_by_job[item.job_id])
       row["seconds"] = round(seconds, 1)
       key = (module, row["operator"], row["old"], row["new"])
       if row["outcome"] == "survived" and key in EQUIVALENTS:
