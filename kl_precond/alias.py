@@ -82,6 +82,7 @@ def scale_by_soap(
   *,
   shampoo_beta: Any = None,
   precondition_frequency: int = 10,
+  stagger_refresh: bool = False,
   max_precond_dim: int = 10000,
   merge_small_dims: bool = False,
   precondition_1d: bool = False,
@@ -113,6 +114,9 @@ def scale_by_soap(
     eps: added to ``√V`` after the square root.
     shampoo_beta: factor EMA weight ``β`` (``None``: ``b2``).
     precondition_frequency: ``T``, steps between basis refreshes (static).
+    stagger_refresh: refresh about ``1/T`` of the blocks at each step, each block once every
+      ``T`` steps at its own phase, instead of every block at once every ``T`` steps (see
+      :func:`kl_precond.preconditioner.refresh_schedule`); the references do the latter.
     max_precond_dim: axes longer than this get no factor (identity basis) (static).
     merge_small_dims: merge neighbouring axes while their product is ``<= max_precond_dim``.
     precondition_1d: give 1-D tensors a factor instead of plain Adam.
@@ -141,9 +145,12 @@ def scale_by_soap(
     https://arxiv.org/abs/2409.11321
   """
   _check_direction(b2, precondition_frequency, sort_basis)
+  check_bool("stagger_refresh", stagger_refresh)
   return preconditioner.scale_by_preconditioner(
     estimators.frobenius(_factor_beta(shampoo_beta, b2), dtype=dtype),
-    basis_lib.qr_every(precondition_frequency, sort=sort_basis, dtype=dtype),
+    basis_lib.qr_every(
+      precondition_frequency, sort=sort_basis, dtype=dtype, stagger=stagger_refresh
+    ),
     scaling.adam(b1, b2, eps, bias_correction=bias_correction, dtype=dtype),
     layout=_layout(layout, max_precond_dim, merge_small_dims, precondition_1d),
     normalize_grads=normalize_grads,
@@ -161,6 +168,7 @@ def soap(
   mask: Any = None,
   shampoo_beta: Any = None,
   precondition_frequency: int = 10,
+  stagger_refresh: bool = False,
   max_precond_dim: int = 10000,
   merge_small_dims: bool = False,
   precondition_1d: bool = False,
@@ -190,6 +198,7 @@ def soap(
     eps,
     shampoo_beta=shampoo_beta,
     precondition_frequency=precondition_frequency,
+    stagger_refresh=stagger_refresh,
     max_precond_dim=max_precond_dim,
     merge_small_dims=merge_small_dims,
     precondition_1d=precondition_1d,
@@ -214,8 +223,10 @@ def _kl_stages(
   damping: Any,
   sort_basis: bool,
   dtype: Any,
+  stagger_refresh: bool = False,
 ) -> tuple[estimators.KL, basis_lib.Refresh]:
   _check_direction(b2, precondition_frequency, sort_basis)
+  check_bool("stagger_refresh", stagger_refresh)
   estimator = estimators.kl(
     _factor_beta(shampoo_beta, b2),
     eigenvalue_init=eigenvalue_init,
@@ -225,7 +236,9 @@ def _kl_stages(
     damping=damping,
     dtype=dtype,
   )
-  return estimator, basis_lib.qr_every(precondition_frequency, sort=sort_basis, dtype=dtype)
+  return estimator, basis_lib.qr_every(
+    precondition_frequency, sort=sort_basis, dtype=dtype, stagger=stagger_refresh
+  )
 
 
 def scale_by_kl_soap(
@@ -235,6 +248,7 @@ def scale_by_kl_soap(
   *,
   shampoo_beta: Any = None,
   precondition_frequency: int = 10,
+  stagger_refresh: bool = False,
   eigenvalue_init: str = "eigh",
   clamp: str = "relative",
   init_factor: Any = 0.1,
@@ -268,6 +282,9 @@ def scale_by_kl_soap(
     eps: added to ``√V``.
     shampoo_beta: factor and eigenvalue EMA weight ``β`` (``None``: ``b2``).
     precondition_frequency: ``T``, steps between QR refreshes (static).
+    stagger_refresh: refresh about ``1/T`` of the blocks at each step, each block once every
+      ``T`` steps at its own phase, instead of every block at once every ``T`` steps (see
+      :func:`kl_precond.preconditioner.refresh_schedule`); the references do the latter.
     eigenvalue_init: where the eigenvalue estimates ``ℓ`` start: ``"eigh"`` (the first
       decomposition's eigenvalues of the first, isotropically whitened statistic), ``"trace"``,
       ``"debiased"``, or ``"constant"`` (``init_factor``; the authors' code). See
@@ -305,6 +322,7 @@ def scale_by_kl_soap(
     damping,
     sort_basis,
     dtype,
+    stagger_refresh,
   )
   return preconditioner.scale_by_preconditioner(
     estimator,
@@ -326,6 +344,7 @@ def kl_soap(
   mask: Any = None,
   shampoo_beta: Any = None,
   precondition_frequency: int = 10,
+  stagger_refresh: bool = False,
   eigenvalue_init: str = "eigh",
   clamp: str = "relative",
   init_factor: Any = 0.1,
@@ -354,6 +373,7 @@ def kl_soap(
     eps,
     shampoo_beta=shampoo_beta,
     precondition_frequency=precondition_frequency,
+    stagger_refresh=stagger_refresh,
     eigenvalue_init=eigenvalue_init,
     clamp=clamp,
     init_factor=init_factor,
@@ -378,6 +398,7 @@ def scale_by_kl_shampoo(
   *,
   shampoo_beta: Any = None,
   precondition_frequency: int = 10,
+  stagger_refresh: bool = False,
   eigenvalue_init: str = "eigh",
   clamp: str = "relative",
   init_factor: Any = 0.1,
@@ -414,6 +435,9 @@ def scale_by_kl_shampoo(
     eps: added to ``√(ℓ_L ℓ_R)`` (zero estimates give zero scaling).
     shampoo_beta: factor and eigenvalue EMA weight ``β`` (``None``: ``b2``).
     precondition_frequency: ``T``, steps between QR refreshes (static).
+    stagger_refresh: refresh about ``1/T`` of the blocks at each step, each block once every
+      ``T`` steps at its own phase, instead of every block at once every ``T`` steps (see
+      :func:`kl_precond.preconditioner.refresh_schedule`); the references do the latter.
     eigenvalue_init: where the eigenvalue estimates ``ℓ`` start: ``"eigh"`` (the first
       decomposition's eigenvalues of the first, isotropically whitened statistic), ``"trace"``,
       ``"debiased"``, or ``"constant"`` (``init_factor``; the authors' code). See
@@ -457,6 +481,7 @@ def scale_by_kl_shampoo(
     damping,
     sort_basis,
     dtype,
+    stagger_refresh,
   )
   return preconditioner.scale_by_preconditioner(
     estimator,
@@ -481,6 +506,7 @@ def kl_shampoo(
   mask: Any = None,
   shampoo_beta: Any = None,
   precondition_frequency: int = 10,
+  stagger_refresh: bool = False,
   eigenvalue_init: str = "eigh",
   clamp: str = "relative",
   init_factor: Any = 0.1,
@@ -509,6 +535,7 @@ def kl_shampoo(
     eps,
     shampoo_beta=shampoo_beta,
     precondition_frequency=precondition_frequency,
+    stagger_refresh=stagger_refresh,
     eigenvalue_init=eigenvalue_init,
     clamp=clamp,
     init_factor=init_factor,

@@ -140,6 +140,7 @@ class Refresh:
   ascending: bool = False
   iterations: int = 1
   tolerance: Any = 0.0
+  stagger: bool = False
 
   def __post_init__(self) -> None:
     if not self.keep_bases and self.method != "eigh":
@@ -327,7 +328,9 @@ def _placeholder(dtype: Any, batch: tuple[int, ...] = ()) -> jax.Array:
   return jnp.zeros((*batch, 1), dtype)
 
 
-def qr_every(every: int, *, sort: bool = True, start: int = 0, dtype: Any = None) -> Refresh:
+def qr_every(
+  every: int, *, sort: bool = True, start: int = 0, dtype: Any = None, stagger: bool = False
+) -> Refresh:
   """Refresh by one power-iteration step and QR every ``every`` steps (SOAP, KL methods).
 
   .. math:: Q \\leftarrow \\mathrm{qr}(F Q_{:,\\pi}).Q,
@@ -339,6 +342,9 @@ def qr_every(every: int, *, sort: bool = True, start: int = 0, dtype: Any = None
       ``False`` is the KL-Methods behaviour.
     start: also refresh at step ``start``, and only after it (0: from the first step).
     dtype: storage dtype of the bases (default: the parameter's dtype).
+    stagger: refresh about ``1/T`` of a bucket's blocks at each step, each block once every
+      ``T`` steps at its own phase (all of them at ``start``); see
+      :func:`kl_precond.preconditioner.refresh_schedule`. False: every block at once.
 
   Returns:
     The basis stage.
@@ -347,7 +353,8 @@ def qr_every(every: int, *, sort: bool = True, start: int = 0, dtype: Any = None
   _check_start(start)
   check_bool("sort", sort)
   check_dtype("dtype", dtype)
-  return Refresh(every, "qr", sort, dtype=dtype, start=start)
+  check_bool("stagger", stagger)
+  return Refresh(every, "qr", sort, dtype=dtype, start=start, stagger=stagger)
 
 
 def _check_start(start: int) -> None:
@@ -366,6 +373,7 @@ def eigh_every(
   ascending: bool = False,
   tolerance: Any = 0.0,
   dtype: Any = None,
+  stagger: bool = False,
 ) -> Refresh:
   """Refresh by a full eigendecomposition every ``every`` steps (Shampoo).
 
@@ -397,6 +405,9 @@ def eigh_every(
       decomposition, but not its savings: the eigh still runs (a select, not a branch, as
       everything batched over blocks here).
     dtype: storage dtype of bases and eigenvalues (default: the parameter's dtype).
+    stagger: refresh about ``1/T`` of a bucket's blocks at each step, each block once every
+      ``T`` steps at its own phase (all of them at ``start``); see
+      :func:`kl_precond.preconditioner.refresh_schedule`. False: every block at once.
 
   Returns:
     The basis stage.
@@ -415,6 +426,7 @@ def eigh_every(
   ):
     check_bool(name, flag)
   check_dtype("dtype", dtype)
+  check_bool("stagger", stagger)
   return Refresh(
     every,
     "eigh",
@@ -429,6 +441,7 @@ def eigh_every(
     bool(ascending),
     1,
     tolerance,
+    stagger=stagger,
   )
 
 
@@ -448,6 +461,7 @@ def qr_algorithm_every(
   keep_eigenvalues: bool = False,
   eigenvalue_floor: Any = None,
   dtype: Any = None,
+  stagger: bool = False,
 ) -> Refresh:
   """Refresh by steps of the QR algorithm warm-started from the previous basis, every ``every``
   steps (Distributed Shampoo's ``QREigendecompositionConfig``, its ``DefaultSOAPConfig``).
@@ -477,6 +491,9 @@ def qr_algorithm_every(
       ``QREigendecompositionConfig``: Shampoo's roots from the estimates).
     eigenvalue_floor: as in :func:`eigh_every`, on the stored estimates.
     dtype: storage dtype of the bases (default: the parameter's dtype).
+    stagger: refresh about ``1/T`` of a bucket's blocks at each step, each block once every
+      ``T`` steps at its own phase (all of them at ``start``); see
+      :func:`kl_precond.preconditioner.refresh_schedule`. False: every block at once.
 
   Returns:
     The basis stage.
@@ -491,6 +508,7 @@ def qr_algorithm_every(
   check_bool("ascending", ascending)
   check_bool("keep_eigenvalues", keep_eigenvalues)
   check_dtype("dtype", dtype)
+  check_bool("stagger", stagger)
   return Refresh(
     every,
     "qr_algorithm",
@@ -503,4 +521,5 @@ def qr_algorithm_every(
     ascending=bool(ascending),
     iterations=int(iterations),
     tolerance=tolerance,
+    stagger=stagger,
   )

@@ -127,6 +127,8 @@ class BasisStage(Protocol):
 
   Optional (read with ``getattr``): ``keep_bases`` (default True); when false, the chassis
   calls ``stored(state)`` (the state kept between refreshes) after each decomposition.
+  ``stagger`` (default False): spread the refresh of the blocks over the ``T`` steps of a cycle
+  (:func:`refresh_schedule`).
   """
 
   @property
@@ -344,6 +346,69 @@ def _direction(
   return direction, state._replace(scaling=scaling_state)
 
 
+@dataclasses.dataclass(frozen=True)
+class Stagger:
+  """Which blocks of a bucket a staggered refresh takes at each step (:func:`refresh_schedule`).
+
+  The bucket's ``devices · rows`` blocks are viewed as ``devices`` runs of ``rows`` (the runs a
+  block-sharded bucket puts on each device). Group ``k < groups`` is rows
+  ``[k·size, (k+1)·size)`` of every run (the last group ends at ``rows``); it is refreshed at
+  the steps ``t > start`` with ``(t - offset) mod T = k``, and every group at ``t = start``.
+  """
+
+  devices: int
+  rows: int
+  size: int
+  groups: int
+  offset: int
+
+  def phase(self, row: int, every: int) -> int:
+    """The phase ``φ`` (``t ≡ φ mod T``) at which block ``row`` of the stack is refreshed."""
+    return (self.offset + (row % self.rows) // self.size) % every
+
+
+def refresh_schedule(
+  tree: layout_lib.TreeLayout, every: int, devices: int = 1
+) -> tuple[Stagger | None, ...]:
+  """The staggered refresh of every bucket of ``tree`` with a factor (None: no factor).
+
+  Each bucket's blocks are split into at most ``T = every`` groups of ``⌈rows/T⌉`` blocks, so
+  that each block is refreshed once every ``T`` steps at its own phase, and each step takes
+  about ``1/T`` of every bucket. ``devices`` (the layout's ``bucket_multiple``, the size of the
+  mesh axis a bucket is sharded over) makes each group take the same number of blocks from
+  every device's share, so each device refreshes its share of the blocks due. Buckets are then
+  placed, largest groups first, at the phase offset that keeps the heaviest step lightest, a
+  block's cost taken as ``Σ_axis d³`` (eigh and QR of a ``d × d`` factor).
+  """
+  load = [0.0] * every
+  schedule: list[Stagger | None] = [None] * len(tree.buckets)
+  plans = []
+  for index, bucket in enumerate(tree.buckets):
+    if not any(bucket.preconditioned):
+      continue
+    split = devices if devices > 1 and bucket.size % devices == 0 else 1
+    rows = bucket.size // split
+    size = -(-rows // every)
+    groups = -(-rows // size)
+    cost = (
+      split
+      * size
+      * sum(d**3 for d, m in zip(bucket.shape, bucket.preconditioned, strict=True) if m)
+    )
+    plans.append((-cost * groups, -cost, index, split, rows, size, groups, cost))
+  for *_, index, split, rows, size, groups, cost in sorted(plans):
+
+    def peak(offset: int, groups: int = groups, cost: float = cost) -> tuple[float, int]:
+      added = [load[i] + (cost if (i - offset) % every < groups else 0) for i in range(every)]
+      return max(added), offset
+
+    offset = min(peak(o) for o in range(every))[1]
+    for k in range(groups):
+      load[(offset + k) % every] += cost
+    schedule[index] = Stagger(split, rows, size, groups, offset)
+  return tuple(schedule)
+
+
 def _statistics(
   stages: _Stages,
   bucket: layout_lib.Bucket,
@@ -353,9 +418,11 @@ def _statistics(
   after: Any = None,
   initial: Any = None,
   hold: Any = None,
+  stagger: Stagger | None = None,
 ) -> tuple[BucketState, jax.Array]:
   """Folds the gradient into the factors, then refreshes the basis on refresh steps (the
-  decompositions wait for ``after``: see ``tensor_ops.after``).
+  decompositions wait for ``after``: see ``tensor_ops.after``); with ``stagger``, one group of
+  blocks at each step (:class:`Stagger`).
 
   Where the traced flag ``initial`` is set (the first call of ``first_call="init_only"``), the
   estimator's ``update`` acts as its ``first`` and the first basis comes from ``basis.first``:
@@ -393,10 +460,14 @@ def _statistics(
   def keep(estimator: Any, basis: Any, scaling_state: Any) -> Branch:
     return basis, scaling_state, jnp.zeros((), jnp.int32), estimates(estimator)
 
-  def refresh(estimator: Any, basis: Any, scaling_state: Any) -> Branch:
+  def refresh_blocks(estimator: Any, basis: Any, scaling_state: Any) -> tuple[Any, Any, Any]:
     new, permutations, failed = jax.vmap(stages.basis.refresh)(factors(estimator), basis)
     rotated = _rotate(stages, scaling, estimator, scaling_state, basis, new, permutations)
     new, rotated = _settle(stages, new, rotated, scaling_state)
+    return new, rotated, failed
+
+  def refresh(estimator: Any, basis: Any, scaling_state: Any) -> Branch:
+    new, rotated, failed = refresh_blocks(estimator, basis, scaling_state)
     return new, rotated, jnp.sum(failed, dtype=jnp.int32), estimates(estimator)
 
   def build(estimator: Any, basis: Any, scaling_state: Any) -> Branch:
@@ -407,9 +478,16 @@ def _statistics(
     new, rotated = _settle(stages, new, rotated, scaling_state)
     return new, rotated, jnp.zeros((), jnp.int32), estimates(estimator)
 
-  due = (step % stages.basis.every == 0) & (step > stages.basis.start) | (
-    step == stages.basis.start
-  )
+  every, start = stages.basis.every, stages.basis.start
+  if stagger is None:
+    due = (step % every == 0) & (step > start) | (step == start)
+  else:
+    # Group ``k`` at the steps ``t > start`` with ``(t - offset) mod T = k``; all at ``start``.
+    phase = (step - stagger.offset) % every
+    due = (step > start) & (phase < stagger.groups) | (step == start)
+    first = jnp.where(step == start, 0, phase)
+    stop = jnp.where(step == start, stagger.groups, phase + 1)
+    refresh = _staggered(refresh_blocks, stagger, first, stop, estimates)
   if hold is not None:
     due = due & ~hold
     initial = None if initial is None else initial & ~hold
@@ -423,6 +501,45 @@ def _statistics(
   if seeding:
     state = state._replace(estimator=_seeder(stages).with_estimates(state.estimator, values))
   return state._replace(basis=basis, scaling=scaling_state), failed
+
+
+def _staggered(refresh_blocks: Any, stagger: Stagger, first: Any, stop: Any, estimates: Any) -> Any:
+  """The refresh branch of a staggered bucket: groups ``first ≤ k < stop`` (traced), one after
+  another, each through ``refresh_blocks`` on its rows only."""
+  devices, rows, size = stagger.devices, stagger.rows, stagger.size
+
+  def take(x: jax.Array, row: Any) -> jax.Array:
+    runs = x.reshape(devices, rows, *x.shape[1:])
+    return jax.lax.dynamic_slice_in_dim(runs, row, size, axis=1).reshape(-1, *x.shape[1:])
+
+  def put(x: jax.Array, part: jax.Array, row: Any) -> jax.Array:
+    runs = x.reshape(devices, rows, *x.shape[1:])
+    part = part.reshape(devices, size, *x.shape[1:])
+    return jax.lax.dynamic_update_slice_in_dim(runs, part, row, axis=1).reshape(x.shape)
+
+  def branch(estimator: Any, basis: Any, scaling_state: Any) -> Any:
+    def group(k: Any, carry: Any) -> Any:
+      basis, scaling_state, failures = carry
+      # The last group may be shorter: its slice starts earlier, and the rows before the group
+      # keep their state.
+      row = jnp.minimum(k * size, rows - size)
+      mine = jnp.tile(row + jnp.arange(size) >= k * size, devices)
+
+      def keep(new: jax.Array, old: jax.Array) -> jax.Array:
+        return jnp.where(mine.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+      old = jax.tree.map(lambda x: take(x, row), (basis, scaling_state))
+      part = jax.tree.map(lambda x: take(x, row), estimator)
+      new_basis, new_scaling, failed = refresh_blocks(part, *old)
+      new = jax.tree.map(keep, (new_basis, new_scaling), old)
+      basis, scaling_state = jax.tree.map(lambda x, y: put(x, y, row), (basis, scaling_state), new)
+      return basis, scaling_state, failures + jnp.sum(failed & mine, dtype=jnp.int32)
+
+    carry = (basis, scaling_state, jnp.zeros((), jnp.int32))
+    basis, scaling_state, failures = jax.lax.fori_loop(first, stop, group, carry)
+    return basis, scaling_state, failures, estimates(estimator)
+
+  return branch
 
 
 def _within_range(
@@ -613,15 +730,22 @@ def scale_by_preconditioner(
     # Buckets decompose their factors one after another (see tensor_ops.after): each waits for
     # the basis of the last bucket that has one, which waited for its predecessor.
     previous: Any = None
-    for bucket, grad, state in zip(tree.buckets, grads, buckets, strict=True):
+    schedule: tuple[Stagger | None, ...] = (None,) * len(tree.buckets)
+    if getattr(stages.basis, "stagger", False):
+      # A bucket padded to a multiple of the mesh axis (``bucket_multiple``) and sharded over it:
+      # each group takes the same rows of every device's run, so each device refreshes its share
+      # of the blocks due. The schedule depends on the layout only: sharded runs equal one device.
+      schedule = refresh_schedule(tree, stages.basis.every, config.bucket_multiple)
+    for bucket, grad, state, stagger in zip(tree.buckets, grads, buckets, schedule, strict=True):
+      statistics = (previous, initial, hold, stagger)
       if first is True:
         state = _first(stages, bucket, grad, state, step, previous, hold)
       elif statistics_first:
-        state, failed = _statistics(stages, bucket, grad, state, step, previous, initial, hold)
+        state, failed = _statistics(stages, bucket, grad, state, step, *statistics)
         failures += failed
       direction, state = _direction(stages, bucket, grad, state, step, frozen)
       if first is not True and not statistics_first:
-        state, failed = _statistics(stages, bucket, grad, state, step, previous, initial, hold)
+        state, failed = _statistics(stages, bucket, grad, state, step, *statistics)
         failures += failed
       directions.append(direction.astype(grad.dtype))
       new_buckets.append(state)

@@ -159,6 +159,7 @@ def scale_by_shampoo(
   *,
   exponents: Any = None,
   precondition_frequency: int = 10,
+  stagger_refresh: bool = False,
   start_preconditioning_step: int | None = None,
   grafting_type: str | None = "adam",
   graft_b2: Any = 0.999,
@@ -206,6 +207,9 @@ def scale_by_shampoo(
       ``{order: {axis: exponent}}`` (Distributed Shampoo's ``inverse_exponent_override``). A
       concrete ``0`` gives that axis no factor at all.
     precondition_frequency: ``T``, steps between root recomputations (static).
+    stagger_refresh: refresh about ``1/T`` of the blocks at each step, each block once every
+      ``T`` steps at its own phase, instead of every block at once every ``T`` steps (see
+      :func:`kl_precond.preconditioner.refresh_schedule`); the references do the latter.
     start_preconditioning_step: first step with roots (``None``: ``T``) (static).
     grafting_type: ``"adam"``, ``"rmsprop"``, ``"adagrad"``, ``"sgd"`` or ``None``.
     graft_b2: second-moment EMA weight of the grafting optimizer.
@@ -277,6 +281,7 @@ def scale_by_shampoo(
     store_bases=store_bases,
     kl_factors=kl_factors,
   )
+  check_bool("stagger_refresh", stagger_refresh)
   start = _checked_start(
     grafting_type, graft_b2, graft_eps, precondition_frequency, start_preconditioning_step
   )
@@ -291,6 +296,7 @@ def scale_by_shampoo(
     basis = basis_lib.qr_algorithm_every(
       precondition_frequency,
       start=start,
+      stagger=stagger_refresh,
       ridge=eps,
       iterations=1 if qr_iterations is None else qr_iterations,
       tolerance=tolerance,
@@ -302,6 +308,7 @@ def scale_by_shampoo(
     basis = basis_lib.eigh_every(
       precondition_frequency,
       start=start,
+      stagger=stagger_refresh,
       ridge=eps,
       relative_ridge=eps_mode == "relative",
       eigenvalue_floor=eps,
@@ -354,6 +361,7 @@ def scale_by_eigenvalue_corrected_shampoo(
   *,
   exponent: Any = 0.5,
   precondition_frequency: int = 10,
+  stagger_refresh: bool = False,
   start_preconditioning_step: int | None = None,
   refresh: str = "qr",
   qr_iterations: int | None = None,
@@ -398,6 +406,9 @@ def scale_by_eigenvalue_corrected_shampoo(
     exponent: ``e`` (½), or ``{order: e}`` (Distributed Shampoo's ``inverse_exponent_override``
       for this config).
     precondition_frequency: ``T``, steps between refreshes (static).
+    stagger_refresh: refresh about ``1/T`` of the blocks at each step, each block once every
+      ``T`` steps at its own phase, instead of every block at once every ``T`` steps (see
+      :func:`kl_precond.preconditioner.refresh_schedule`); the references do the latter.
     start_preconditioning_step: first refresh (``None``: ``T``) (static).
     refresh: ``"qr"`` (QR algorithm, warm-started) or ``"eigh"``.
     qr_iterations: the most QR steps per refresh (``QREigendecompositionConfig.max_iterations``;
@@ -443,6 +454,7 @@ def scale_by_eigenvalue_corrected_shampoo(
   _check_common(b2, eps, qr_iterations, max_precond_dim, precondition_1d, layout, statistics_weight)
   if unrotated_axes is not None:
     check_axes_per_order("unrotated_axes", unrotated_axes)
+  check_bool("stagger_refresh", stagger_refresh)
   start = _checked_start(
     grafting_type, graft_b2, graft_eps, precondition_frequency, start_preconditioning_step
   )
@@ -455,6 +467,7 @@ def scale_by_eigenvalue_corrected_shampoo(
     basis = basis_lib.qr_algorithm_every(
       precondition_frequency,
       start=start,
+      stagger=stagger_refresh,
       ridge=eps,
       iterations=1 if qr_iterations is None else qr_iterations,
       tolerance=tolerance,
@@ -464,6 +477,7 @@ def scale_by_eigenvalue_corrected_shampoo(
     basis = basis_lib.eigh_every(
       precondition_frequency,
       start=start,
+      stagger=stagger_refresh,
       ridge=eps,
       keep_eigenvalues=False,
       ascending=True,
@@ -513,6 +527,7 @@ def eigenvalue_corrected_shampoo(
   mask: Any = None,
   exponent: Any = 0.5,
   precondition_frequency: int = 10,
+  stagger_refresh: bool = False,
   start_preconditioning_step: int | None = None,
   refresh: str = "qr",
   qr_iterations: int | None = None,
@@ -547,6 +562,7 @@ def eigenvalue_corrected_shampoo(
     eps,
     exponent=exponent,
     precondition_frequency=precondition_frequency,
+    stagger_refresh=stagger_refresh,
     start_preconditioning_step=start_preconditioning_step,
     refresh=refresh,
     qr_iterations=qr_iterations,
@@ -578,6 +594,7 @@ def shampoo(
   mask: Any = None,
   exponents: Any = None,
   precondition_frequency: int = 10,
+  stagger_refresh: bool = False,
   start_preconditioning_step: int | None = None,
   grafting_type: str | None = "adam",
   graft_b2: Any = 0.999,
@@ -614,6 +631,7 @@ def shampoo(
     eps,
     exponents=exponents,
     precondition_frequency=precondition_frequency,
+    stagger_refresh=stagger_refresh,
     start_preconditioning_step=start_preconditioning_step,
     grafting_type=grafting_type,
     graft_b2=graft_b2,
@@ -648,6 +666,7 @@ def adamw_shampoo(
   mask: Any = None,
   exponents: Any = (0.25, 0.25),
   precondition_frequency: int = 10,
+  stagger_refresh: bool = False,
   eps_mode: str = "ridge",
   max_precond_dim: int = 1024,
   precondition_1d: bool = False,
@@ -684,6 +703,9 @@ def adamw_shampoo(
     exponents: ``(a, b)`` for matrices (a pair, or a length-2 array to inject it); a warning is
       issued when ``a + b ≠ 1/2``.
     precondition_frequency: ``T``, steps between root recomputations (static).
+    stagger_refresh: refresh about ``1/T`` of the blocks at each step, each block once every
+      ``T`` steps at its own phase, instead of every block at once every ``T`` steps (see
+      :func:`kl_precond.preconditioner.refresh_schedule`); the references do the latter.
     eps_mode: ``"ridge"`` or ``"relative"``.
     max_precond_dim: axes longer than this are split into blocks (static).
     precondition_1d: give vectors a full factor (``(L̂ + εI)^(-1/2)``); off by default: with
@@ -724,6 +746,7 @@ def adamw_shampoo(
     eps,
     exponents=per_order,
     precondition_frequency=precondition_frequency,
+    stagger_refresh=stagger_refresh,
     start_preconditioning_step=1,
     grafting_type=None,
     eps_mode=eps_mode,

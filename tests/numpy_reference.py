@@ -36,8 +36,11 @@ def eigh_desc(matrix: np.ndarray) -> np.ndarray:
   return vectors[:, ::-1]
 
 
-def soap_reference(grads, *, b1, b2, eps, beta, every, sort, bias_correction=True, factored=None):
-  """SOAP (SPEC.md "SOAP"); ``factored[i]`` says which axes get a factor."""
+def soap_reference(
+  grads, *, b1, b2, eps, beta, every, sort, bias_correction=True, factored=None, phase=0
+):
+  """SOAP (SPEC.md "SOAP"); ``factored[i]`` says which axes get a factor. ``phase``: refresh
+  after the steps ``t ≡ phase (mod every)`` (a staggered block's own phase; 0: SOAP's)."""
   shape = grads[0].shape
   factored = factored if factored is not None else [True] * len(shape)
   factors = [np.zeros((d, d)) if f else None for d, f in zip(shape, factored, strict=True)]
@@ -63,7 +66,7 @@ def soap_reference(grads, *, b1, b2, eps, beta, every, sort, bias_correction=Tru
       None if f is None else beta * f + (1 - beta) * unfold(g, i) @ unfold(g, i).T
       for i, f in enumerate(factors)
     ]
-    if step % every == 0:
+    if (step - phase) % every == 0:
       mu_param = rotate(mu, bases, transpose=False)
       new_bases = []
       for i, (f, q) in enumerate(zip(factors, bases, strict=True)):
@@ -104,6 +107,7 @@ def kl_reference(
   cap=4000.0,
   start="constant",
   clamp="absolute",
+  phase=0,
 ):
   """KL-Shampoo / KL-SOAP for 2-D and 3-D tensors (SPEC.md, kl_methods_spec.md §2.4).
 
@@ -187,7 +191,7 @@ def kl_reference(
       mixed = [old[0], roots[1], old[2]]
       factors[0] = beta * factors[0] + coef[0] * whitened_gram(g, 0, mixed)
       roots[0] = ema_root(0, target(gp, 0, mixed))
-    if step % every == 0:
+    if (step - phase) % every == 0:
       mu_param = rotate(mu, bases, transpose=False) if klsoap else None
       bases = [np.linalg.qr(f @ q)[0] for f, q in zip(factors, bases, strict=True)]
       if klsoap:
@@ -283,6 +287,7 @@ def distributed_shampoo_reference(
   trace_scaling=None,
   beta3=-1.0,
   momentum=None,
+  phase=0,
 ):
   """Distributed Shampoo's root-inverse Shampoo (``kl=True``: its simplified KL-Shampoo), one
   block per tensor, written from the golden sidecars' ``semantics`` (shared/golden). With
@@ -323,7 +328,7 @@ def distributed_shampoo_reference(
     weighting, bc2 = _accumulation(b2, t, use_bias_correction, drop_weighting)
     for k in axes:
       factors[k] = b2 * factors[k] + weighting * outer[k]
-    if (t % every == 0 and t > start) or t == start:
+    if ((t - phase) % every == 0 and t > start) or t == start:
       for k in axes:
         a = _trace_scaled(factors[k] / bc2, trace_scaling, eps) + eps * np.eye(w.shape[k])
         q = vectors_of[k]
@@ -377,6 +382,7 @@ def eigenvalue_corrected_reference(
   trace_scaling=None,
   beta3=-1.0,
   momentum=None,
+  phase=0,
 ):
   """Distributed Shampoo's eigenvalue-corrected Shampoo (``DefaultSOAPConfig`` with
   ``refresh="qr"``, ``EighEigendecompositionConfig`` with ``"eigh"``), one block per tensor,
@@ -397,7 +403,7 @@ def eigenvalue_corrected_reference(
     weighting, bc2 = _accumulation(b2, t, use_bias_correction, drop_weighting)
     for k in axes:
       factors[k] = b2 * factors[k] + weighting * unfold(g, k) @ unfold(g, k).T
-    if (t % every == 0 and t > start) or t == start:
+    if ((t - phase) % every == 0 and t > start) or t == start:
       for k in axes:
         a = _trace_scaled(factors[k] / bc2, trace_scaling, eps) + eps * np.eye(w.shape[k])
         q = bases[k]

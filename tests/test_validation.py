@@ -252,6 +252,8 @@ BAD = {
       "precondition_1d",
       "normalize_grads",
       "sort_basis",
+      "stagger_refresh",
+      "stagger",
       "cache_roots",
       "store_bases",
       "kl_factors",
