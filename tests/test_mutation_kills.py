@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kl_precond as kp
 from kl_precond import basis, estimators, scaling
 
 
@@ -202,3 +203,20 @@ def test_kronecker_eigenvalues_default_exponent_is_one_half():
   stage = scaling.kronecker_eigenvalues(eps=0.0)
   powers = stage._powers((jnp.asarray(left), jnp.asarray(right)), (3, 2))
   np.testing.assert_allclose(powers, np.outer(left**-0.5, right**-0.5), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["soap", "kl_shampoo"])
+def test_an_empty_tree_is_not_a_skipped_call(name):
+  """No parameters, no gradient to be out of range: the call counts, none is skipped."""
+  tx = getattr(kp, name)()
+  state = tx.init({})
+  for _ in range(2):
+    updates, state = tx.update({}, state, {})
+  assert updates == {}
+  found = [s for s in jax.tree.leaves(state, is_leaf=_is_chassis) if _is_chassis(s)]
+  assert len(found) == 1
+  assert int(found[0].skipped) == 0 and int(found[0].count) == 2
+
+
+def _is_chassis(x):
+  return hasattr(x, "skipped") and hasattr(x, "count")

@@ -43,4 +43,16 @@ EQUIVALENTS: dict[tuple[str, str, str, str], str] = {
     "bool(ascending), 2,",
   ): "eigh_every's iterations field is read only by the QR-algorithm refresh "
   "(method 'qr_algorithm'); its method is 'eigh'",
+  (
+    "grafting",
+    "core/ReplaceComparisonOperator_Gt_NotEq",
+    "safe = jnp.where(peak > 0, peak, 1)",
+    "safe = jnp.where(peak != 0, peak, 1)",
+  ): "peak = max|x| is >= 0 or NaN, and a NaN peak gives a NaN norm either way",
+  (
+    "grafting",
+    "core/ReplaceTrueWithFalse",
+    "layout_lib.to_blocks(d, tensor), layout_lib.to_blocks(m, tensor), strict=True",
+    "layout_lib.to_blocks(d, tensor), layout_lib.to_blocks(m, tensor), strict=False",
+  ): "both lists are split by the same layout, so they have the same length",
 }
