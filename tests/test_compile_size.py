@@ -14,6 +14,11 @@ grafting did, at ~10x this bound per leaf.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -82,3 +87,25 @@ def test_update_size_grows_at_most_a_constant_per_leaf(name, adamw_per_leaf):
   per_leaf = _per_leaf(factory(1e-3, max_precond_dim=MAX_DIM, **kwargs))
   assert adamw_per_leaf > 0
   assert per_leaf <= 3 * adamw_per_leaf, (name, per_leaf, adamw_per_leaf)
+
+
+@slow
+def test_compile_time_benchmark_smoke(tmp_path):
+  """``benchmarks/compile_time.py`` (the seconds behind this module's instruction counts):
+  fresh processes, medians, ratios to the first depth, the table."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [sys.executable, "-m", "benchmarks.compile_time", "--smoke", "--methods=adamw"]
+  done = subprocess.run(
+    [*command, f"--out_dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=300
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  with open(tmp_path / "compile_time.json") as f:
+    report = json.load(f)
+  (row,) = report["rows"]
+  assert report["depths"] == [1, 2] and row["method"] == "adamw"
+  assert row["ratio"]["1"] == 1.0
+  assert row["ratio"]["2"] == row["compile_s"]["2"] / row["compile_s"]["1"] > 0
+  # AdamW's update is elementwise per leaf: a second layer adds instructions.
+  assert row["instructions"]["2"] > row["instructions"]["1"]
+  table = (tmp_path / "compile_time.md").read_text()
+  assert "| adamw |" in table and "2 / 1" in table
