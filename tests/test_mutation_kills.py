@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import kl_precond as kp
-from kl_precond import basis, estimators, scaling
+from kl_precond import _validation, basis, estimators, scaling, tensor_ops
 
 
 @pytest.fixture(autouse=True)
@@ -220,3 +220,25 @@ def test_an_empty_tree_is_not_a_skipped_call(name):
 
 def _is_chassis(x):
   return hasattr(x, "skipped") and hasattr(x, "count")
+
+
+def test_filtered_gradient_look_ahead_matches_its_formula():
+  """With ``b3``: ``Ḡ = (M_{t-1} + (1-β₃)(G - M_{t-1})) / (1 - β₃β₁^{t-1})`` and
+  ``M = M_{t-1} + (1-β₁)(G - M_{t-1})``."""
+  rng = np.random.default_rng(10)
+  old, grad = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+  b1, b3, t = 0.9, 0.7, 4
+  mu, moment = tensor_ops.filtered_gradient(
+    jnp.asarray(old), jnp.asarray(grad), b1, jnp.asarray(t), b3=b3
+  )
+  np.testing.assert_allclose(mu, old + (1 - b1) * (grad - old), rtol=1e-12)
+  expected = (old + (1 - b3) * (grad - old)) / (1 - b3 * b1 ** (t - 1))
+  np.testing.assert_allclose(moment, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("value", [{2: (2,)}, {1: (1,)}, {3: (0, 3)}])
+def test_an_axis_equal_to_the_order_is_refused(value):
+  """``unfactored_axes``: axes of a block of order ``k`` are ``0 <= a < k``."""
+  with pytest.raises(ValueError, match="unfactored_axes"):
+    _validation.check_axes_per_order("unfactored_axes", value)
+  _validation.check_axes_per_order("unfactored_axes", {k: (k - 1,) for k in value})

@@ -55,4 +55,11 @@ EQUIVALENTS: dict[tuple[str, str, str, str], str] = {
     "layout_lib.to_blocks(d, tensor), layout_lib.to_blocks(m, tensor), strict=True",
     "layout_lib.to_blocks(d, tensor), layout_lib.to_blocks(m, tensor), strict=False",
   ): "both lists are split by the same layout, so they have the same length",
+  (
+    "tensor_ops",
+    "core/ReplaceComparisonOperator_NotEq_IsNot",
+    "others = [a for a in range(x.ndim) if a != axis]",
+    "others = [a for a in range(x.ndim) if a is not axis]",
+  ): "a and axis are small Python ints (range, enumerate), which CPython caches: `is not` "
+  "equals `!=`",
 }
