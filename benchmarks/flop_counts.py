@@ -1,10 +1,15 @@
-"""Matmul FLOPs of one non-refresh update of each method, counted from kl_precond's code.
+"""Matmul FLOPs of one non-refresh update of each method, counted from kl_precond's code, and
+of one refresh (textbook counts of its products and decompositions).
 
 Imports nothing (no flags, no jax), so tests can read the counts without the side effects of
-importing ``optimizer_only`` (its absl flags and CPU settings).
+importing ``optimizer_only`` (its absl flags and CPU settings); ``layout_blocks`` imports
+``kl_precond`` when called.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 # Matmul FLOPs of one non-refresh update of one m×n block, counted from the code. A product by
 # an m×m matrix on the left costs 2m²n ("left"), by an n×n matrix on the right 2mn² ("right").
@@ -47,7 +52,90 @@ COUNT_NOTES = {
 }
 
 
-def update_flops(method: str, m: int, n: int) -> int:
-  """Matmul FLOPs of one non-refresh update of one ``m×n`` block (see ``FLOP_COUNTS``)."""
-  whitening = 2 * m * n * min(m, n) if method in UNMERGED_WHITENING else 0
-  return FLOP_COUNTS[method] * 2 * m * n * (m + n) + whitening
+def update_flops(method: str, m: int, n: int, left: bool = True, right: bool = True) -> int:
+  """Matmul FLOPs of one non-refresh update of one ``m×n`` block (see ``FLOP_COUNTS``).
+
+  ``left``/``right``: whether the block's first/second axis has a factor (both by default; the
+  counts were checked with both). A 1-D block of length ``k`` with a factor (Shampoo's
+  ``precondition_1d``) is ``m=k, n=1, right=False``.
+  """
+  products = 2 * m * n * (m * left + n * right)
+  whitening = 2 * m * n * min(m, n) if method in UNMERGED_WHITENING and left and right else 0
+  return FLOP_COUNTS[method] * products + whitening
+
+
+# FLOPs of one refresh, per factor of size k (textbook counts, not read from the compiled code):
+#   QR power step (SOAP, KL-SOAP, KL-Shampoo: qr_every): F·Q 2k³ (SOAP's sort estimates
+#     diag(QᵀFQ) from the same product), Householder QR of the k×k product with Q formed
+#     explicitly 4/3·k³ + 4/3·k³                                              → 14/3·k³, of
+#     which 8/3·k³ is the QR itself (LAPACK geqrf/orgqr: panel factorizations, not one GEMM);
+#     then the first moment is re-expressed in the new basis: unproject by the old bases and
+#     project by the new ones, 2 × (left + right) per block (see FLOP_COUNTS' units).
+#   eigh refresh (Shampoo, AdamW-Shampoo: cached roots): symmetric eigendecomposition with
+#     eigenvectors ≈ 9k³ (Golub & Van Loan, tridiagonal QR algorithm), then the cached root
+#     Q·diag(λ^p)·Qᵀ 2k³                                                     → 11·k³, of which
+#     9k³ is the eigh (LAPACK syevd); the momentum stays in parameter space (no rotation).
+# The decompositions (QR, eigh) are the part that runs far below the matmul rate on accelerators.
+REFRESH_PER_FACTOR = {"qr": 14 / 3, "eigh": 11.0}
+DECOMPOSITION_PER_FACTOR = {"qr": 8 / 3, "eigh": 9.0}
+REFRESH_KIND = {
+  "soap": "qr",
+  "kl_soap": "qr",
+  "kl_shampoo": "qr",
+  "shampoo": "eigh",
+  "adamw_shampoo": "eigh",
+}
+ROTATION_UNITS = {"qr": 2, "eigh": 0}
+
+
+def refresh_flops(
+  method: str, m: int, n: int, left: bool = True, right: bool = True
+) -> tuple[float, float]:
+  """``(all, decompositions)``: FLOPs of one refresh of one ``m×n`` block (see the comment
+  above), the second the QR/eigh part of the first. ``(0, 0)`` for AdamW."""
+  if method not in REFRESH_KIND:
+    return 0.0, 0.0
+  kind = REFRESH_KIND[method]
+  cubes = m**3 * left + n**3 * right
+  rotation = ROTATION_UNITS[kind] * 2 * m * n * (m * left + n * right)
+  return REFRESH_PER_FACTOR[kind] * cubes + rotation, DECOMPOSITION_PER_FACTOR[kind] * cubes
+
+
+def layout_blocks(
+  shapes: Sequence[Sequence[int]], config: Any
+) -> list[tuple[int, int, bool, bool]]:
+  """``(m, n, left, right)`` of every block with a factor, over parameters of ``shapes`` laid
+  out by ``kl_precond`` under ``config`` (a ``LayoutConfig``); a 1-D block of length ``k`` is
+  ``(k, 1, True, False)``."""
+  from kl_precond.layout import tensor_layout
+
+  out = []
+  for shape in shapes:
+    for block in tensor_layout(shape, config).blocks:
+      if not any(block.preconditioned):
+        continue
+      if len(block.shape) == 1:
+        out.append((block.shape[0], 1, True, False))
+      elif len(block.shape) == 2:
+        (m, n), (left, right) = block.shape, block.preconditioned
+        out.append((m, n, left, right))
+      else:
+        raise NotImplementedError(f"a {len(block.shape)}-D block: {block}")
+  return out
+
+
+def layout_flops(
+  method: str, shapes: Sequence[Sequence[int]], config: Any, frequency: int
+) -> dict[str, float]:
+  """FLOPs per step over all blocks (``layout_blocks``): ``update`` (one non-refresh update,
+  ``update_flops``), ``refresh`` and ``decomposition`` (one refresh, ``refresh_flops``, ÷
+  ``frequency``). Zero for AdamW."""
+  totals = {"update": 0.0, "refresh": 0.0, "decomposition": 0.0}
+  if method not in REFRESH_KIND:
+    return totals
+  for m, n, left, right in layout_blocks(shapes, config):
+    totals["update"] += update_flops(method, m, n, left, right)
+    every, decomposed = refresh_flops(method, m, n, left, right)
+    totals["refresh"] += every / frequency
+    totals["decomposition"] += decomposed / frequency
+  return totals

@@ -24,7 +24,6 @@ Writes ``memory.json``, ``memory.md`` and ``memory.png`` to ``--out_dir``.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -221,14 +220,7 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 
 def _write(report: dict[str, Any], out_dir: str) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "memory.json"), "w") as f:
-    json.dump(report, f, indent=1)
-  text = markdown(report)
-  with open(os.path.join(out_dir, "memory.md"), "w") as f:
-    f.write(text)
-  plot(report, os.path.join(out_dir, "memory.png"))
-  print(text, flush=True)
+  models.write_outputs("memory", report, out_dir, markdown, plot)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -21,7 +21,9 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -156,17 +158,25 @@ def make_task(name: str, smoke: bool = False, seed: int = 0) -> Task:
       config, batch = TransformerConfig(vocab=64, seq_len=16, width=32, layers=1, heads=2), 2
     else:
       config, batch = TransformerConfig(), 16
-    tokens = jax.random.randint(data_key, (batch, config.seq_len + 1), 0, config.vocab)
-    description = (
-      f"decoder LM L{config.layers} d{config.width} H{config.heads} T{config.seq_len} "
-      f"B{batch} V{config.vocab} ({batch * config.seq_len} tokens/step)"
-    )
-
-    def loss(params: Any, data: jax.Array) -> jax.Array:
-      return transformer_loss(params, data, config)
-
-    return Task(name, description, transformer_init(init_key, config), tokens, loss)
+    return transformer_task(config, batch, seed)
   raise ValueError(f"Unknown task {name!r}; expected 'mlp' or 'transformer'.")
+
+
+def transformer_task(
+  config: TransformerConfig, batch: int, seed: int = 0, name: str = "transformer"
+) -> Task:
+  """The decoder LM of ``config`` with one fixed batch of ``batch`` random token sequences."""
+  init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+  tokens = jax.random.randint(data_key, (batch, config.seq_len + 1), 0, config.vocab)
+  description = (
+    f"decoder LM L{config.layers} d{config.width} H{config.heads} T{config.seq_len} "
+    f"B{batch} V{config.vocab} ({batch * config.seq_len} tokens/step)"
+  )
+
+  def loss(params: Any, data: jax.Array) -> jax.Array:
+    return transformer_loss(params, data, config)
+
+  return Task(name, description, transformer_init(init_key, config), tokens, loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +198,7 @@ def make_optimizer(
   max_precond_dim: int,
   learning_rate: float = LEARNING_RATE,
   blocks: bool = False,
+  stagger: bool = False,
 ) -> optax.GradientTransformation:
   """The named optimizer; ``LookupError`` if this version of kl_precond lacks it. ``shampoo+qr``
   and ``adamw_shampoo+qr`` take ``refresh="qr"``, ``shampoo+kl`` and ``adamw_shampoo+kl``
@@ -195,8 +206,10 @@ def make_optimizer(
 
   ``blocks=True``: every axis longer than ``max_precond_dim`` is split into blocks of at most
   that size, for every method (the Shampoo variants do this anyway; SOAP and the KL methods get
-  ``layout=LayoutConfig(max_precond_dim, blocking=True)``). kl_precond is imported here, not at
-  the top, so that the peers' environment (which does not have it) can import this module.
+  ``layout=LayoutConfig(max_precond_dim, blocking=True)``; ``layout_config`` returns the layout
+  either way). ``stagger=True`` passes ``stagger_refresh=True`` (``LookupError`` if this version's
+  constructor has no such keyword). kl_precond is imported here, not at the top, so that the
+  peers' environment (which does not have it) can import this module.
   """
   if name == "adamw":
     return optax.adamw(learning_rate)
@@ -226,7 +239,25 @@ def make_optimizer(
       "grafting_type" if "grafting_type" in inspect.signature(factory).parameters else "grafting"
     )
     options[keyword] = "adam"
+  if stagger:
+    if "stagger_refresh" not in inspect.signature(factory).parameters:
+      raise LookupError(f"kl_precond {kp.__version__}'s `{name}` has no `stagger_refresh`")
+    options["stagger_refresh"] = True
   return factory(learning_rate, **options)
+
+
+def layout_config(name: str, max_precond_dim: int, blocks: bool = False) -> Any:
+  """The ``kl_precond.LayoutConfig`` of ``make_optimizer(name, f, max_precond_dim, blocks=...)``:
+  the Shampoo variants block at ``max_precond_dim`` with their own ``precondition_1d`` default
+  (Shampoo's is True: 1-D parameters get a factor); the others block only with ``blocks=True``
+  and give 1-D parameters none."""
+  import kl_precond as kp
+
+  base = name.partition("+")[0]
+  if base in BLOCKING_BY_DEFAULT:
+    factor_1d = inspect.signature(getattr(kp, base)).parameters["precondition_1d"].default
+    return kp.LayoutConfig(max_precond_dim, blocking=True, precondition_1d=factor_1d)
+  return kp.LayoutConfig(max_precond_dim, blocking=blocks)
 
 
 def sequential_eigh_workaround() -> bool:
@@ -315,6 +346,53 @@ class Watchdog:
           with open(self.report_path, "w") as f:
             json.dump({"hung": self.label, "error": message}, f)
         os._exit(HANG_EXIT_CODE)
+
+
+def run_isolated(script: str, spec: dict[str, Any], timeout: float, tag: str) -> dict[str, Any]:
+  """Runs ``python script --worker_spec=...`` on ``spec`` in a child process (``run_worker``) and
+  returns its result; a method whose call hangs twice is dropped and recorded.
+
+  A hang (``Watchdog``) ends the child; the configuration is then run again, without the method
+  if it had already hung once. ``spec["methods"]`` names the runners (a watchdog label's first
+  word); the result gets ``skipped`` (updated with the dropped methods) and ``hangs``.
+  """
+  spec = dict(spec)
+  hangs: dict[str, list[str]] = {}
+  dropped: dict[str, str] = {}
+  with tempfile.TemporaryDirectory() as scratch:
+    spec_path, result_path = os.path.join(scratch, "spec.json"), os.path.join(scratch, "out.json")
+    spec.update(hang_report=os.path.join(scratch, "hang.json"), result=result_path)
+    for _ in range(2 * len(spec["methods"]) + 1):
+      with open(spec_path, "w") as f:
+        json.dump(spec, f)
+      command = [sys.executable, script, f"--worker_spec={spec_path}"]
+      done = subprocess.run(command, timeout=timeout)
+      if done.returncode == 0:
+        with open(result_path) as f:
+          config = json.load(f)
+        config["skipped"].update(dropped)
+        config["hangs"] = hangs
+        return config
+      if done.returncode != HANG_EXIT_CODE:
+        raise RuntimeError(f"{tag} worker failed with exit code {done.returncode}")
+      with open(spec["hang_report"]) as f:
+        label = json.load(f)["hung"]
+      method = label.split()[0]
+      hangs.setdefault(method, []).append(label)
+      print(f"[{tag}] {label} hung; {len(hangs[method])} hang(s) of {method}", flush=True)
+      if len(hangs[method]) >= 2:
+        dropped[method] = f"hung twice ({'; '.join(hangs[method])}): XLA CPU deadlock"
+        spec["methods"] = [m for m in spec["methods"] if m != method]
+  raise RuntimeError(f"{tag}: too many hangs: {hangs}")
+
+
+def run_worker(spec_path: str, measure: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+  """The child's side of ``run_isolated``: ``measure`` the spec, write the result JSON."""
+  with open(spec_path) as f:
+    spec = json.load(f)
+  config = measure(spec)
+  with open(spec["result"], "w") as f:
+    json.dump(config, f)
 
 
 class StepRunner:
@@ -456,6 +534,8 @@ def summarize(
     "amortised_ms": amortised,
     "slow_ms": float(np.median(slowest)),
     "min_ms": float(np.min(times)),
+    "p90_ms": float(np.percentile(times, 90)),
+    "max_ms": float(np.max(times)),
     "compile_s": runner.compile_seconds,
     "steps_timed": len(times),
     "final_loss": runner.last_loss,
@@ -490,6 +570,25 @@ def environment() -> dict[str, Any]:
     "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
     "time": time.strftime("%Y-%m-%d %H:%M:%S"),
   }
+
+
+def write_outputs(
+  name: str,
+  report: dict[str, Any],
+  out_dir: str,
+  markdown: Callable[[dict[str, Any]], str],
+  plot: Callable[[dict[str, Any], str], None],
+) -> None:
+  """Writes ``name.json`` (the report), ``name.md`` (``markdown(report)``, also printed) and
+  ``name.png`` (``plot``) to ``out_dir``."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  text = markdown(report)
+  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+    f.write(text)
+  plot(report, os.path.join(out_dir, f"{name}.png"))
+  print(text, flush=True)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

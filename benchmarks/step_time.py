@@ -16,12 +16,9 @@ Writes ``step_time.json``, ``step_time.md`` and ``step_time.png`` to ``--out_dir
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -130,37 +127,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure_isolated(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-  """``measure`` in a child process; a method whose call hangs twice is dropped and recorded.
-
-  A hang (``models.Watchdog``) ends the child; the configuration is then run again, without the
-  method if it had already hung once.
-  """
-  spec, hangs, dropped = dict(spec), {}, {}
-  with tempfile.TemporaryDirectory() as scratch:
-    spec_path, result_path = os.path.join(scratch, "spec.json"), os.path.join(scratch, "out.json")
-    spec.update(hang_report=os.path.join(scratch, "hang.json"), result=result_path)
-    for _ in range(2 * len(spec["methods"]) + 1):
-      with open(spec_path, "w") as f:
-        json.dump(spec, f)
-      command = [sys.executable, os.path.abspath(__file__), f"--worker_spec={spec_path}"]
-      done = subprocess.run(command, timeout=timeout)
-      if done.returncode == 0:
-        with open(result_path) as f:
-          config = json.load(f)
-        config["skipped"].update(dropped)
-        config["hangs"] = hangs
-        return config
-      if done.returncode != models.HANG_EXIT_CODE:
-        raise RuntimeError(f"step_time worker failed with exit code {done.returncode}")
-      with open(spec["hang_report"]) as f:
-        label = json.load(f)["hung"]
-      method = label.split()[0]
-      hangs.setdefault(method, []).append(label)
-      print(f"[step_time] {label} hung; {len(hangs[method])} hang(s) of {method}", flush=True)
-      if len(hangs[method]) >= 2:
-        dropped[method] = f"hung twice ({'; '.join(hangs[method])}): XLA CPU deadlock"
-        spec["methods"] = [m for m in spec["methods"] if m != method]
-  raise RuntimeError(f"step_time: too many hangs: {hangs}")
+  """``measure`` in a child process (``models.run_isolated``: a method whose call hangs twice
+  is dropped and recorded)."""
+  return models.run_isolated(os.path.abspath(__file__), spec, timeout, "step_time")
 
 
 def run(
@@ -340,24 +309,13 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 
 def _write(report: dict[str, Any], out_dir: str) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "step_time.json"), "w") as f:
-    json.dump(report, f, indent=1)
-  text = markdown(report)
-  with open(os.path.join(out_dir, "step_time.md"), "w") as f:
-    f.write(text)
-  plot(report, os.path.join(out_dir, "step_time.png"))
-  print(text, flush=True)
+  models.write_outputs("step_time", report, out_dir, markdown, plot)
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
   if _WORKER_SPEC.value:
-    with open(_WORKER_SPEC.value) as f:
-      spec = json.load(f)
-    config = measure(spec)
-    with open(spec["result"], "w") as f:
-      json.dump(config, f)
+    models.run_worker(_WORKER_SPEC.value, measure)
     return
   smoke = _SMOKE.value
   tasks = _TASKS.value

@@ -781,3 +781,172 @@ def test_lm_curves_merge_recomputes_the_target_from_the_merged_runs(tmp_path):
   other = write("kl_soap", steps=40)
   with pytest.raises(ValueError, match="another configuration"):
     lm_curves.merge_outputs([adamw, other], str(tmp_path / "mixed"))
+
+
+def _smoke_param_shapes(width: int) -> list[tuple[int, ...]]:
+  """The parameter shapes of width_scaling's smoke LM (vocabulary 64, 16 positions, one block)."""
+  import jax
+
+  from benchmarks import models
+
+  config = models.TransformerConfig(vocab=64, seq_len=16, width=width, layers=1, heads=2)
+  params = jax.eval_shape(lambda: models.transformer_init(jax.random.PRNGKey(0), config))
+  return [tuple(x.shape) for x in jax.tree.leaves(params)]
+
+
+# 231 s on 2 cores shared with other jobs (load 7-9): the 12 compilations of its 4 groups.
+@pytest.mark.slow
+def test_width_scaling_smoke(tmp_path):
+  report = _run("width_scaling", str(tmp_path), timeout=900)
+  settings = report["settings"]
+  assert settings["widths"] == [32, 64] and settings["blocks"] == ["whole", "128", "16"]
+  assert settings["methods"] == ["soap"]
+  variants = settings["stagger_variants"]
+  assert variants in ([False, True], [False])  # [False]: this kl_precond has no stagger_refresh
+  assert bool(report["notes"]) == (variants == [False])
+  # Whole axes only at width 32, where blocks of 128 (its longest axis, the MLP's 4·32) are the
+  # whole-axes layout and are not run; at 64 they are blocks.
+  groups = {(g["width"], g["layout"]): g for g in report["groups"]}
+  assert list(groups) == [(32, "whole"), (32, "16"), (64, "128"), (64, "16")]
+  skipped = {(s["width"], s["layout"]): s["reason"] for s in report["skipped_layouts"]}
+  assert set(skipped) == {(32, "128"), (64, "whole")}
+  assert "same as whole" in skipped[32, "128"] and "only up to width 32" in skipped[64, "whole"]
+  runners = ["adamw"] + ["soap+stagger" if s else "soap" for s in variants]
+  for (width, _), group in groups.items():
+    shapes = _smoke_param_shapes(width)
+    num_params = sum(math.prod(s) for s in shapes)
+    assert group["num_params"] == num_params and group["largest_axis"] == 4 * width
+    assert group["model_flops"] == 6 * num_params * 32  # 16 positions × 2 sequences
+    assert list(group["results"]) == runners and not group["skipped"]
+    adamw = group["results"]["adamw"]
+    # optax.adamw: mu and nu in float32 (8 bytes per parameter) and one int32 count.
+    assert adamw["state_bytes"] == 8 * num_params + 4
+    assert adamw["ratio_median"] == 1.0 and adamw["update_flops"] == 0
+    for name, s in group["results"].items():
+      assert s["steps_timed"] == group["steps"] == 4, name
+      assert 0 < s["median_ms"] <= s["p90_ms"] <= s["max_ms"], (name, s)
+      assert s["max_over_p50"] == pytest.approx(s["max_ms"] / s["median_ms"])
+      assert s["bytes_per_param"] == pytest.approx(s["state_bytes"] / num_params)
+      ratios = (s["ratio_median"], s["ratio_paired"], s["ratio_amortised"])
+      assert _finite(*ratios, s["final_loss"]) and min(ratios) > 0, (name, s)
+      assert s["ratio_amortised"] == pytest.approx(s["amortised_ms"] / adamw["mean_ms"])
+      if s["stagger"]:  # refreshes spread over the cycle: the mean over whole cycles
+        assert s["amortised_ms"] == pytest.approx(s["mean_ms"])
+      if name != "adamw":
+        assert s["bytes_per_param"] > 8 and s["update_flops"] > 0, name
+    if True in variants:  # staggering changes when, not what, is stored or computed
+      on, off = group["results"]["soap+stagger"], group["results"]["soap"]
+      assert on["state_bytes"] == off["state_bytes"]
+      assert on["update_flops"] == off["update_flops"]
+  # SOAP's state in blocks of 16: M and V (2 per parameter) and, per 16×16 block, two factors
+  # and two bases of 16² (4 per parameter of a matrix); 1-D parameters Adam's 2; plus counters.
+  for width in (32, 64):
+    shapes = _smoke_param_shapes(width)
+    matrix = sum(math.prod(s) for s in shapes if len(s) == 2)
+    vector = sum(math.prod(s) for s in shapes if len(s) == 1)
+    measured = groups[width, "16"]["results"]["soap"]["state_bytes"]
+    assert 0 <= measured - 4 * (6 * matrix + 2 * vector) <= 64, (width, measured)
+    # Its update: 3 units of 2mn(m + n) per 16×16 block, 192 FLOPs per matrix parameter.
+    assert groups[width, "16"]["results"]["soap"]["update_flops"] == 192 * matrix
+  # Larger blocks, more FLOPs per step (whole axes at 32: 4·32, 3·32, 64 > 16).
+  for width, big in ((32, "whole"), (64, "128")):
+    for key in ("update_flops", "refresh_flops_per_step", "decomposition_flops_per_step"):
+      assert (
+        groups[width, big]["results"]["soap"][key] > groups[width, "16"]["results"]["soap"][key]
+      )
+  # The pick at each width is the lowest ×AdamW amortised over its layouts and staggering.
+  picks = {(r["width"], r["method"]): r for r in report["recommendations"]}
+  assert set(picks) == {(32, "soap"), (64, "soap")}
+  for (width, method), pick in picks.items():
+    rows = [
+      (s["ratio_amortised"], g["layout"], s["stagger"])
+      for g in report["groups"]
+      if g["width"] == width
+      for s in g["results"].values()
+      if s["method"] == method
+    ]
+    assert (pick["ratio_amortised"], pick["layout"], pick["stagger"]) == min(rows)
+  text = (tmp_path / "width_scaling.md").read_text()
+  assert "| 32 |  | 128 | (all) | not run: same as whole" in text
+  assert "## Block size on CPU" in text and "## FLOPs: what changes on an accelerator" in text
+  for (width, method), pick in picks.items():
+    layout = "whole axes" if pick["layout"] == "whole" else f"blocks of {pick['layout']}"
+    assert f"- d={width}: {method} → {layout}" in text
+    assert f"- d={width} {method}: " in text.split("## FLOPs")[1]
+  assert f"Commit: {report['provenance']['commit']}" in text
+
+
+@pytest.mark.parametrize("method", ["soap", "kl_shampoo", "shampoo"])
+@pytest.mark.parametrize("block", [None, 16])
+def test_width_scaling_flop_blocks_are_the_optimizer_factors(method, block):
+  """The blocks over which width_scaling counts FLOPs (``models.layout_config`` through
+  ``kl_precond``'s layout) have the factors that the optimizer ``models.make_optimizer`` builds
+  keeps in its state: the same sizes, as many."""
+  import jax
+
+  from benchmarks import flop_counts, models
+
+  shapes = _smoke_param_shapes(64)
+  params = [jax.ShapeDtypeStruct(s, np.float32) for s in shapes]
+  size = block or 10000
+  tx = models.make_optimizer(method, 10, size, blocks=block is not None)
+  is_node = lambda n: isinstance(n, (kp.FrobeniusState, kp.KLState))  # noqa: E731
+  state = jax.eval_shape(tx.init, params)
+  nodes = [n for n in jax.tree.leaves(state, is_leaf=is_node) if is_node(n)]
+  in_state = sorted(
+    f.shape[-1] for n in nodes for f in n.factors if f is not None for _ in range(f.shape[0])
+  )
+  blocks = flop_counts.layout_blocks(shapes, models.layout_config(method, size, block is not None))
+  counted = sorted([m for m, _, left, _ in blocks if left] + [n for _, n, _, r in blocks if r])
+  assert counted == in_state and counted
+
+
+def test_width_scaling_resume_keeps_groups_across_runs(tmp_path):
+  """``--resume`` runs only the (width, layout) groups the JSON lacks, and keeps the groups a run
+  does not use for a later one. ``measure`` is replaced by a fake (in a subprocess: the module's
+  absl flags would clash with other benchmarks' in this one)."""
+  code = f"""
+import json
+from benchmarks import width_scaling as ws
+
+calls = []
+
+def fake(spec):
+  calls.append((spec["width"], spec["layout"]))
+  results = {{}}
+  for name in spec["methods"]:
+    method, stagger = ws.split_name(name)
+    ratio = 1.0 if method == "adamw" else 2.0 + int(spec["layout"] != "whole")
+    results[name] = dict(method=method, stagger=stagger, median_ms=1.0, p90_ms=1.0, max_ms=1.0,
+      max_over_p50=1.0, ratio_median=ratio, ratio_paired=ratio, ratio_amortised=ratio,
+      bytes_per_param=8.0, update_flops=0.0, refresh_flops_per_step=0.0, update_over_model=0.0,
+      refresh_over_model=0.0, decomposition_over_model=0.0, final_loss=1.0)
+  return dict(width=spec["width"], layout=spec["layout"], results=results, skipped={{}},
+    description="fake", num_params=1, environment={{"load_average_1_5_15": [0.0]}})
+
+ws.measure = fake
+def run(widths):
+  calls.clear()
+  report = ws.run(widths, ["whole", "16"], ["soap"], "off", [2], frequency=2, smoke=True,
+    whole_max_width=64, resume=True, progress=False, out_dir={str(tmp_path)!r}, isolate=False)
+  return [list(c) for c in calls], [[g["width"], g["layout"]] for g in report["groups"]]
+
+out = [run([32]), run([64]), run([32, 64])]
+with open({str(tmp_path / "width_scaling.json")!r}) as f:
+  final = json.load(f)
+print(json.dumps([out, len(final["other_groups"]), final["recommendations"]]))
+"""
+  done = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  out, others, picks = json.loads(done.stdout.strip().splitlines()[-1])
+  d32, d64 = [[32, "whole"], [32, "16"]], [[64, "whole"], [64, "16"]]
+  assert out[0] == [d32, d32]  # (groups run, groups in the report)
+  assert out[1] == [d64, d64]  # the width-32 groups are kept aside, not rerun
+  assert out[2] == [[], d32 + d64]  # everything from the JSON, nothing run
+  assert others == 0
+  assert [(p["width"], p["layout"], p["ratio_amortised"]) for p in picks] == [
+    (32, "whole", 2.0),
+    (64, "whole", 2.0),
+  ]
