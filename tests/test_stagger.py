@@ -126,7 +126,7 @@ def test_schedule_spreads_a_transformer_over_the_cycle():
 # --- the optimizer follows the schedule --------------------------------------------------------
 
 
-@pytest.mark.parametrize("devices", [1, 4])
+@pytest.mark.parametrize("devices", [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_each_block_is_refreshed_once_per_cycle_at_its_phase(devices):
   every, steps = 3, 10
   params = {"m": [np.zeros((4, 4)) for _ in range(10)], "big": np.zeros((8, 8))}
@@ -248,6 +248,7 @@ def test_staggered_soap_and_kl_soap_match_numpy_per_block(method):
   _per_leaf(_run(tx, grads), grads, reference, phases)
 
 
+@pytest.mark.slow  # the default suite runs SOAP's and Shampoo's (and KL-Shampoo sharded)
 def test_staggered_kl_shampoo_matches_numpy_per_block():
   every = 3
   params = {k: v for k, v in _tree().items() if k != "cube"}  # the port takes 2-D and 3-D
