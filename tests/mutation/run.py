@@ -21,7 +21,7 @@ What it does, on a scratch copy (never on the checkout, which another process ma
    ``--budget`` seconds of (unmutated) test time, then the most specific test of each other
    covering file, then the rest, until ``--budget``. A mutant on a
    line that only runs at import time (module constants, default arguments, decorators) takes the
-   tests that cover any line of the module. A mutant whose lines no test runs is recorded as
+   tests that cover any line of the module, fastest first. A mutant whose lines no test runs is recorded as
    survived without a run. Lines are looked up at their statement's first line too (where
    coverage records a multi-line statement).
 5. Results: per module killed / total; a timeout (cosmic-ray kills the run after ``--timeout-factor``
@@ -368,9 +368,12 @@ def main() -> None:
       covering = set()
       for line in looked_up:
         covering.update(lines.get(line, ()))
+      order = reach
       if not covering and any(lines.get(line) is not None for line in looked_up):
-        covering = set(module_tests)  # the statement runs at import time only
-      selection, seconds = _select(covering, durations, args.budget, reach)
+        # The statement runs at import time only (a default, a field, a decorator): which test
+        # reads its value is unknown, so every test of the module is a candidate, fastest first.
+        covering, order = set(module_tests), {}
+      selection, seconds = _select(covering, durations, args.budget, order)
       jobs.append((module, item, selection, seconds))
 
   estimate = sum(STARTUP_SECONDS + s for *_, s in jobs) / args.workers
