@@ -5,6 +5,8 @@ that follows from it; all are unit-sized (no optimizer run)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 
 import kl_precond as kp
 from kl_precond import _validation, basis, estimators, scaling, tensor_ops
+from kl_precond import layout as layout_lib
 
 
 @pytest.fixture(autouse=True)
@@ -242,3 +245,19 @@ def test_an_axis_equal_to_the_order_is_refused(value):
   with pytest.raises(ValueError, match="unfactored_axes"):
     _validation.check_axes_per_order("unfactored_axes", value)
   _validation.check_axes_per_order("unfactored_axes", {k: (k - 1,) for k in value})
+
+
+def test_layout_records_are_frozen_and_hashable():
+  """``LayoutConfig`` (a static option), ``TensorLayout``, ``Block`` and ``Bucket`` are immutable values: equal
+  ones hash alike (so they can be static arguments of ``jax.jit``) and none can be assigned to."""
+  config = kp.LayoutConfig(8)
+  assert hash(config) == hash(kp.LayoutConfig(8))
+  tensor = layout_lib.tensor_layout((3, 20), config)
+  tree = layout_lib.tree_layout({"w": jnp.zeros((3, 20))}, config)
+  records = [config, tensor, *tensor.blocks, *tree.buckets]
+  for record in records:
+    assert dataclasses.is_dataclass(record)
+    hash(record)
+    field = dataclasses.fields(record)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+      setattr(record, field, None)
