@@ -261,3 +261,22 @@ def test_layout_records_are_frozen_and_hashable():
     field = dataclasses.fields(record)[0].name
     with pytest.raises(dataclasses.FrozenInstanceError):
       setattr(record, field, None)
+
+
+def test_first_call_precondition_builds_the_basis_once():
+  """``first_call="precondition"``: the first call decomposes its factors; a later call before
+  the refresh period keeps that basis (it is not a first call again)."""
+  stages = (kp.frobenius(0.9), kp.qr_every(100), kp.adam(0.9, 0.99, 1e-8))
+  tx = kp.scale_by_preconditioner(*stages, first_call="precondition")
+  rng = np.random.default_rng(12)
+  params = {"w": jnp.zeros((4, 3))}
+  state = tx.init(params)
+  bases = []
+  for _ in range(3):
+    grad = {"w": jnp.asarray(rng.standard_normal((4, 3)))}
+    _, state = tx.update(grad, state, params)
+    bases.append([np.asarray(b) for b in state.buckets[0].basis.bases if b is not None])
+  assert int(state.count) == 3
+  for later in bases[1:]:
+    for first, now in zip(bases[0], later, strict=True):
+      np.testing.assert_array_equal(now, first)
