@@ -201,84 +201,48 @@ def _distinct(phases):
   return phases
 
 
-@pytest.mark.parametrize("method", ["soap", pytest.param("kl_soap", marks=pytest.mark.slow)])
-def test_staggered_soap_and_kl_soap_match_numpy_per_block(method):
+def test_staggered_soap_matches_numpy_per_block():
   every = 3
   params = _tree()
   grads = _grads(params, 11, seed=1)
-  layout = kp.LayoutConfig()
-  phases = _distinct(_leaf_phases(params, every, layout))
-  if method == "soap":
-    tx = kp.scale_by_soap(
-      0.9, 0.95, 1e-8, shampoo_beta=0.8, precondition_frequency=every, stagger_refresh=True
-    )
+  phases = _distinct(_leaf_phases(params, every, kp.LayoutConfig()))
+  tx = kp.scale_by_soap(
+    0.9, 0.95, 1e-8, shampoo_beta=0.8, precondition_frequency=every, stagger_refresh=True
+  )
 
-    def reference(stream, phase):
-      return ref.soap_reference(
-        stream, b1=0.9, b2=0.95, eps=1e-8, beta=0.8, every=every, sort=True, phase=phase
-      )
-  else:
-    tx = kp.scale_by_kl_soap(
-      0.9,
-      0.95,
-      1e-3,
-      shampoo_beta=0.85,
-      precondition_frequency=every,
-      stagger_refresh=True,
-      max_clamp_value=50.0,
-      eigenvalue_init="constant",
-      clamp="absolute",
+  def reference(stream, phase):
+    return ref.soap_reference(
+      stream, b1=0.9, b2=0.95, eps=1e-8, beta=0.8, every=every, sort=True, phase=phase
     )
-
-    def reference(stream, phase):
-      return ref.kl_reference(
-        stream,
-        b1=0.9,
-        b2=0.95,
-        eps=1e-3,
-        beta=0.85,
-        every=every,
-        klsoap=True,
-        cap=50.0,
-        start="constant",
-        clamp="absolute",
-        phase=phase,
-      )
 
   _per_leaf(_run(tx, grads), grads, reference, phases)
 
 
-@pytest.mark.slow  # the default suite runs SOAP's and Shampoo's (and KL-Shampoo sharded)
-def test_staggered_kl_shampoo_matches_numpy_per_block():
+# The default suite runs SOAP's and Shampoo's replays (and KL-Shampoo sharded).
+@pytest.mark.slow
+@pytest.mark.parametrize("klsoap", [True, False], ids=["kl_soap", "kl_shampoo"])
+def test_staggered_kl_methods_match_numpy_per_block(klsoap):
   every = 3
-  params = {k: v for k, v in _tree().items() if k != "cube"}  # the port takes 2-D and 3-D
-  grads = _grads(params, 11, seed=2)
+  params = _tree()
+  grads = _grads(params, 11, seed=1 if klsoap else 2)
   phases = _distinct(_leaf_phases(params, every, kp.LayoutConfig()))
-  tx = kp.scale_by_kl_shampoo(
-    0.9,
-    0.95,
-    1e-3,
-    shampoo_beta=0.85,
+  settings = dict(b1=0.9, b2=0.95, eps=1e-3, beta=0.85, cap=50.0, start="constant")
+  factory = kp.scale_by_kl_soap if klsoap else kp.scale_by_kl_shampoo
+  tx = factory(
+    settings["b1"],
+    settings["b2"],
+    settings["eps"],
+    shampoo_beta=settings["beta"],
     precondition_frequency=every,
     stagger_refresh=True,
-    max_clamp_value=50.0,
-    eigenvalue_init="constant",
+    max_clamp_value=settings["cap"],
+    eigenvalue_init=settings["start"],
     clamp="absolute",
   )
 
   def reference(stream, phase):
     return ref.kl_reference(
-      stream,
-      b1=0.9,
-      b2=0.95,
-      eps=1e-3,
-      beta=0.85,
-      every=every,
-      klsoap=False,
-      cap=50.0,
-      start="constant",
-      clamp="absolute",
-      phase=phase,
+      stream, every=every, klsoap=klsoap, clamp="absolute", phase=phase, **settings
     )
 
   _per_leaf(_run(tx, grads), grads, reference, phases)
