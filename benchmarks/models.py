@@ -484,6 +484,7 @@ def add_ratios(results: dict[str, Any], runners: Sequence[StepRunner], chunk: in
     summary["ratio_median"] = summary["median_ms"] / adamw["median_ms"]
     summary["ratio_paired"] = float(np.median(chunk_medians(runner, chunk) / base_chunks))
     summary["ratio_amortised"] = summary["amortised_ms"] / adamw["mean_ms"]
+    summary["ratio_cycle"] = summary.get("cycle_ms", np.nan) / adamw.get("cycle_ms", np.nan)
 
 
 def refresh_schedule(
@@ -506,6 +507,20 @@ def refresh_schedule(
   return lambda i: i % frequency == phase
 
 
+def phase_medians(
+  times: Any, indices: Sequence[int], frequency: int | None, least: int = 3
+) -> list[float]:
+  """The median time of the calls at each phase ``i mod f`` of the refresh cycle, phases
+  ``0 … f-1`` in order; empty unless every phase has at least ``least`` calls."""
+  if not frequency or frequency < 2:
+    return []
+  times, phase = np.asarray(times, float), np.asarray(indices) % frequency
+  counts = [int(np.sum(phase == r)) for r in range(frequency)]
+  if len(times) != len(phase) or min(counts) < least:
+    return []
+  return [float(np.median(times[phase == r])) for r in range(frequency)]
+
+
 def summarize(
   runner: StepRunner,
   is_refresh: Callable[[int], bool] | None,
@@ -516,6 +531,11 @@ def summarize(
   ``amortised_ms = ((f-1)·median(non-refresh) + median(refresh)) / f`` when the refresh steps are
   known (``is_refresh``), else the measured mean. ``slow_ms`` is the median of the slowest 10% of
   the steps (the refresh cost when refreshes are every 10 steps and the schedule is unknown).
+
+  By phase (call index mod ``f``; see :func:`phase_medians`): ``heaviest_phase_over_median``, the
+  slowest phase's median over the median of all calls (a refresh spike, which one slow call of
+  a shared machine does not move as it moves ``max / median``), and ``cycle_ms``, the mean of
+  the phase medians (the amortised time by one rule for staggered and unstaggered refreshes).
   """
   times = np.asarray(runner.times) * 1e3
   flags = np.asarray([bool(is_refresh and is_refresh(i)) for i in runner.indices])
@@ -525,6 +545,7 @@ def summarize(
   if flags.any() and frequency:
     amortised = ((frequency - 1) * float(np.median(plain)) + refresh) / frequency
   slowest = np.sort(times)[-max(1, len(times) // 10) :]
+  phases = phase_medians(times, runner.indices, frequency)
   return {
     "median_ms": float(np.median(times)),
     "mean_ms": float(np.mean(times)),
@@ -547,6 +568,9 @@ def summarize(
       ),
       None,
     ),
+    "phase_medians_ms": phases,
+    "heaviest_phase_over_median": max(phases) / float(np.median(times)) if phases else np.nan,
+    "cycle_ms": float(np.mean(phases)) if phases else np.nan,
     "times_ms": [round(float(t), 3) for t in times],
     "call_indices": list(runner.indices),
   }

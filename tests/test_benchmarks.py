@@ -950,3 +950,42 @@ print(json.dumps([out, len(final["other_groups"]), final["recommendations"]]))
     (32, "whole", 2.0),
     (64, "whole", 2.0),
   ]
+
+
+def test_phase_statistics_see_the_refresh_spike_and_not_one_slow_call():
+  """``heaviest_phase_over_median`` is the slowest phase's median over the median, and
+  ``cycle_ms`` the mean of the phase medians: a refresh every f calls moves both, one slow call
+  at another phase (the noise of a shared machine) moves neither, while it decides max / median.
+  Expected values are worked out by hand from the planted times."""
+  import types
+
+  from benchmarks import models
+
+  f, calls = 10, 30
+  times = [0.1] * calls
+  for i in range(calls):
+    if i % f == 3:
+      times[i] = 0.25  # the refresh phase: 2.5 x
+  times[15] = 0.9  # one slow call at phase 5
+  runner = types.SimpleNamespace(
+    name="m", times=times, indices=list(range(calls)), compile_seconds=0.0, last_loss=0.0
+  )
+  summary = models.summarize(runner, None, f)
+  assert summary["phase_medians_ms"][3] == pytest.approx(250.0)
+  assert summary["phase_medians_ms"][5] == pytest.approx(100.0)
+  assert summary["heaviest_phase_over_median"] == pytest.approx(2.5)
+  assert summary["cycle_ms"] == pytest.approx((9 * 100.0 + 250.0) / 10)
+  assert summary["max_ms"] / summary["median_ms"] == pytest.approx(9.0)
+
+  # The same 30 calls, but a phase seen twice only: no phase statistics.
+  few = types.SimpleNamespace(**{**vars(runner), "indices": list(range(calls))[:19]})
+  few.times = times[:19]
+  assert models.phase_medians(few.times, few.indices, f) == []
+  assert math.isnan(models.summarize(few, None, f)["heaviest_phase_over_median"])
+
+  # ratio_cycle: cycle over AdamW's cycle (AdamW here: 0.1 s every call).
+  adamw = types.SimpleNamespace(**{**vars(runner), "name": "adamw", "times": [0.1] * calls})
+  results = {"adamw": models.summarize(adamw, None, f), "m": summary}
+  models.add_ratios(results, [adamw, runner], 5)
+  assert results["m"]["ratio_cycle"] == pytest.approx(1.15)
+  assert results["adamw"]["ratio_cycle"] == pytest.approx(1.0)
