@@ -192,6 +192,15 @@ LEARNING_RATE = 1e-4  # small enough that no run diverges (kl_precond skips non-
 BLOCKING_BY_DEFAULT = ("shampoo", "adamw_shampoo", "eigenvalue_corrected_shampoo")
 
 
+STAGGER_SUFFIX = "+stagger"
+
+
+def split_name(name: str) -> tuple[str, bool]:
+  """A runner's name as (method, staggered): ``soap+stagger`` -> ``("soap", True)``, any other
+  name -> ``(name, False)``. ``<method>+stagger`` is the method with ``stagger_refresh=True``."""
+  return name.removesuffix(STAGGER_SUFFIX), name.endswith(STAGGER_SUFFIX)
+
+
 def make_optimizer(
   name: str,
   frequency: int,

@@ -103,7 +103,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
   for name in spec["methods"]:
     # ``<method>+stagger``: the same optimizer with ``stagger_refresh=True`` (no refresh step
     # stands out, so its amortised time is the mean over whole cycles).
-    base, stagger = name.removesuffix("+stagger"), name.endswith("+stagger")
+    base, stagger = models.split_name(name)
     try:
       tx = models.make_optimizer(base, frequency, spec["max_precond_dim"], stagger=stagger)
     except LookupError as error:

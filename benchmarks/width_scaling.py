@@ -55,7 +55,6 @@ from tqdm import tqdm
 from benchmarks import flop_counts, models
 
 METHODS = ("soap", "kl_shampoo", "shampoo")
-STAGGER_SUFFIX = "+stagger"
 WHOLE = "whole"
 
 _WIDTHS = flags.DEFINE_list("widths", ["256", "512", "1024", "2048"], "Model widths d.")
@@ -140,17 +139,11 @@ def layout_size(layout: str, shapes: Sequence[Sequence[int]]) -> int:
 
 
 def runner_names(methods: Sequence[str], stagger: Sequence[bool]) -> list[str]:
-  return ["adamw"] + [m + (STAGGER_SUFFIX if s else "") for s in stagger for m in methods]
-
-
-def split_name(name: str) -> tuple[str, bool]:
-  """``soap+stagger`` -> ``("soap", True)``."""
-  method, _, variant = name.partition("+")
-  return method, variant == STAGGER_SUFFIX[1:]
+  return ["adamw"] + [m + (models.STAGGER_SUFFIX if s else "") for s in stagger for m in methods]
 
 
 def make_optimizer(name: str, layout: str, shapes: Sequence[Sequence[int]], frequency: int) -> Any:
-  method, stagger = split_name(name)
+  method, stagger = models.split_name(name)
   size = layout_size(layout, shapes)
   return models.make_optimizer(method, frequency, size, blocks=layout != WHOLE, stagger=stagger)
 
@@ -224,7 +217,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
   model_flops = 6.0 * task.num_params * spec["batch"] * config.seq_len
   results = {}
   for runner in runners:
-    method, stagger = split_name(runner.name)
+    method, stagger = models.split_name(runner.name)
     # One refresh step per cycle without staggering; spread over the cycle with it (the
     # amortised time is then the mean over the whole cycles timed).
     schedule = None if method == "adamw" or stagger else models.refresh_schedule(runner, frequency)

@@ -915,7 +915,7 @@ def fake(spec):
   calls.append((spec["width"], spec["layout"]))
   results = {{}}
   for name in spec["methods"]:
-    method, stagger = ws.split_name(name)
+    method, stagger = ws.models.split_name(name)
     ratio = 1.0 if method == "adamw" else 2.0 + int(spec["layout"] != "whole")
     results[name] = dict(method=method, stagger=stagger, median_ms=1.0, p90_ms=1.0, max_ms=1.0,
       max_over_p50=1.0, ratio_median=ratio, ratio_paired=ratio, ratio_amortised=ratio,
